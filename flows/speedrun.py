@@ -1,0 +1,131 @@
+"""The speedrun flow: shards -> tokenizer -> ... , each stage a cached Prefect task over the store.
+
+Reads like the shell script it replaces (nanochat's runs/speedrun.sh): fetch data, train the tokenizer,
+and so on. A stage whose inputs, config and code are unchanged comes back `Cached`; `refresh` re-executes
+the named stages and everything downstream of them.
+
+    python -m flows.speedrun --preset smoke --mirror ../shared/data --summary-json s1.json
+    python -m flows.speedrun --preset d26 --set pretrain.save_every=250 --refresh tokenizer
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+
+from tasks.cache import with_store
+from tasks.config import STAGES, ConfigError, SpeedrunConfig, load_config, parse_set
+from tasks.shards import shards_options, shards_section, shards_stage
+from tasks.store import Store, atomic_write_json
+from tasks.tokenizer import tokenizer_section, tokenizer_stage
+
+# Each stage and the stages it reads from; `refresh` follows these edges downstream.
+UPSTREAM = {
+    "shards": [],
+    "tokenizer": ["shards"],
+    "pretrain": ["shards", "tokenizer"],
+    "base_eval": ["pretrain", "tokenizer", "shards"],
+    "sft": ["pretrain", "tokenizer"],
+    "chat_eval": ["sft", "tokenizer"],
+    "report": ["shards", "tokenizer", "pretrain", "base_eval", "sft", "chat_eval"],
+}
+
+
+def stages_to_refresh(refresh: list[str] | str | None) -> set[str]:
+    """The named stages plus everything downstream of them; 'all' means every stage."""
+    names = [refresh] if isinstance(refresh, str) else list(refresh or [])
+    names = [n.strip() for item in names for n in item.split(",") if n.strip()]
+    if "all" in names:
+        return set(STAGES)
+    unknown = [n for n in names if n not in STAGES]
+    if unknown:
+        raise ConfigError([f"refresh: unknown stage(s) {unknown}; fix: use 'all' or any of {', '.join(STAGES)}"])
+    chosen = set(names)
+    while True:
+        more = {s for s, ups in UPSTREAM.items() if chosen & set(ups)} - chosen
+        if not more:
+            return chosen
+        chosen |= more
+
+
+class StageRunner:
+    """Runs stage tasks against one store and records each one's state, key, wall time and artifact."""
+
+    def __init__(self, cfg: SpeedrunConfig, refresh: set[str]):
+        self.store = Store(cfg.runtime.store)
+        self.refresh = refresh
+        self.stages: dict[str, dict] = {}
+        self.artifacts: dict[str, dict] = {}
+
+    def __call__(self, name: str, stage_task, section: dict, options: dict | None = None) -> dict:
+        upstream = {u: self.artifacts[u] for u in UPSTREAM[name] if u in self.artifacts}
+        t0 = time.time()
+        state = with_store(stage_task, self.store, refresh=name in self.refresh)(
+            section=section, upstream=upstream, store=str(self.store.root), options=options or {},
+            rebuild=name in self.refresh, return_state=True)
+        record = state.result()  # raises the stage's exception if it failed
+        self.stages[name] = {"state": state.name, "key": record["key"], "seconds": round(time.time() - t0, 3),
+                             "artifact": record["path"]}
+        self.artifacts[name] = record
+        get_run_logger().info(f"stage {name}: {state.name} in {time.time() - t0:.1f}s -> {record['path']}")
+        return record
+
+
+@flow(name="speedrun", log_prints=True)
+def speedrun(preset: str = "smoke", overrides: dict | None = None, refresh: list[str] | None = None,
+             mirror: str | None = None, store: str | None = None) -> dict:
+    cfg = load_config(preset, overrides, mirror=mirror, store=store)  # validated before any stage runs
+    run = StageRunner(cfg, stages_to_refresh(refresh))
+    get_run_logger().info(f"preset {preset}: {cfg.plan.num_iterations} steps at depth {cfg.pretrain.depth}, "
+                          f"store {cfg.runtime.store}")
+
+    shards = run("shards", shards_stage, shards_section(cfg), shards_options(cfg))
+    tokenizer = run("tokenizer", tokenizer_stage, tokenizer_section(cfg))
+
+    summary = {
+        "preset": preset,
+        "store": cfg.runtime.store,
+        "plan": cfg.plan.as_dict(),
+        "train_shards": shards["metrics"]["train_shards"],
+        "vocab_size": tokenizer["metrics"]["vocab_size"],
+        "bytes_per_token_val": tokenizer["metrics"]["bytes_per_token_val"],
+    }
+    return {"stages": run.stages, "summary": summary}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.speedrun", description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="smoke", help="deployments/presets/<name>.yaml")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one option, e.g. --set pretrain.depth=12 (repeatable)")
+    parser.add_argument("--refresh", action="append", default=[], metavar="STAGE|all",
+                        help="re-execute this stage and everything downstream (repeatable, or comma list)")
+    parser.add_argument("--mirror", help="local directory laid out like shared/data to read every input from")
+    parser.add_argument("--store", help="artifact store root (default $SPEEDRUN_HOME or ~/.cache/speedrun)")
+    parser.add_argument("--summary-json", type=Path, help="write stage states and the run summary here")
+    args = parser.parse_args(argv)
+
+    # Validate before starting Prefect, so a bad config fails in a second, not after server start-up.
+    try:
+        overrides = parse_set(args.sets)
+        load_config(args.preset, overrides, mirror=args.mirror, store=args.store)
+        stages_to_refresh(args.refresh)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    result = speedrun(preset=args.preset, overrides=overrides, refresh=args.refresh or None,
+                      mirror=args.mirror, store=args.store)
+    if args.summary_json:
+        atomic_write_json(args.summary_json.resolve(), result)
+    print(json.dumps(result["stages"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

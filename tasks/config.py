@@ -1,0 +1,460 @@
+"""The run configuration: one frozen pydantic model with a section per stage, presets and overrides.
+
+A run is `preset + overrides`. Presets are small partial YAML files in deployments/presets/; overrides
+come from the CLI (`--set pretrain.fp8=false`), Prefect parameters or the UI form. `--depth` is the
+single dial: width, heads, batch size, LR/WD scaling and the horizon derive from it (model/sizing.py).
+
+Everything is validated before any stage runs. Errors are collected into one `ConfigError` whose lines
+each name the field, what is wrong, and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from model.sizing import PlanError, TrainingPlan, plan_training
+from tasks.download import DEFAULT_SOURCE, DEFAULT_VAL_SHARD, list_source_shards
+
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "deployments" / "presets"
+DEFAULT_BUNDLE = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+STAGES = ("shards", "tokenizer", "pretrain", "base_eval", "sft", "chat_eval", "report")
+
+
+class ConfigError(ValueError):
+    """An invalid run configuration. `problems` holds one line per field: what is wrong and the fix."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid speedrun config:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+
+class DataConfig(Section):
+    source: str = Field(DEFAULT_SOURCE, description="shard URL template with {index:05d}, or a directory (path or fsspec URL) of shard_NNNNN.parquet files")
+    val_shard: int | None = Field(None, ge=1, description="index of the validation shard; default: 6542 for ClimbMix, the highest index for a directory")
+    num_train_shards: int = Field(-1, description="train shards [0, n) to fetch; -1 derives n from the pretrain horizon")
+    train_tokens_per_shard: int = Field(39_000_000, gt=0, description="packed training tokens one shard yields (ClimbMix: ~39M); sizes the derived shard count")
+    chars_per_shard: int = Field(250_000_000, gt=0, description="characters per shard (ClimbMix: ~250M); sizes the tokenizer's share")
+    shard_margin: int = Field(20, ge=0, description="extra train shards beyond the horizon")
+    download_workers: int = Field(4, ge=1, le=64, description="parallel shard downloads")
+    download_attempts: int = Field(5, ge=1, le=20, description="tries per shard")
+    download_timeout_s: float = Field(30.0, gt=0, description="network timeout per request, seconds")
+
+    @field_validator("num_train_shards")
+    @classmethod
+    def _shard_count(cls, v: int) -> int:
+        if v == 0 or v < -1:
+            raise ValueError("must be -1 (derive from the horizon) or a positive shard count")
+        return v
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("is empty; give a URL template with {index:05d} or a directory")
+        if "{" in v:
+            try:
+                v.format(index=0)
+            except (KeyError, IndexError, ValueError) as e:
+                raise ValueError(f"is not a valid template ({e!r}); the only placeholder is {{index}}, e.g. shard_{{index:05d}}.parquet") from None
+        return v
+
+
+class TokenizerConfig(Section):
+    vocab_size: int = Field(32768, ge=265, le=2**20, description="total vocab incl. the 9 special tokens (>= 256 + 9)")
+    max_chars: int = Field(2_000_000_000, gt=0, description="training stops after this many characters")
+    doc_cap: int = Field(10_000, gt=0, description="each document is cropped to this many characters")
+
+
+class PretrainConfig(Section):
+    """Every option of the reference base_train (spec/05 §1), snake_case, same defaults."""
+
+    run: str = Field("dummy", description="wandb run name; 'dummy' disables wandb")
+    device_type: Literal["", "cuda", "cpu", "mps"] = Field("", description="'' inherits runtime.device_type")
+    fp8: bool = Field(False, description="FP8 training of eligible Linear layers (CUDA only)")
+    fp8_recipe: Literal["tensorwise", "rowwise"] = Field("tensorwise", description="only tensorwise is implemented")
+    depth: int = Field(20, ge=1, le=128, description="number of layers: the single complexity dial")
+    aspect_ratio: int = Field(64, ge=1, description="model_dim ~ depth x aspect_ratio")
+    head_dim: int = Field(128, ge=2, description="target head dimension (even, for RoPE)")
+    max_seq_len: int = Field(2048, ge=2, description="context length T")
+    window_pattern: str = Field("SSSL", description="sliding-window pattern of S (short) and L (long)")
+    num_iterations: int = Field(-1, description="explicit step count (highest precedence); -1 = derive")
+    target_flops: float = Field(-1.0, description="derive steps from a FLOP budget; -1 = off")
+    target_param_data_ratio: float = Field(12.0, description="derive steps from tokens = ratio x scaling params; -1 = off")
+    device_batch_size: int = Field(32, ge=1, description="rows per micro-batch per rank")
+    total_batch_size: int = Field(-1, description="tokens per optimizer step; -1 = auto from depth")
+    embedding_lr: float = Field(0.3, gt=0)
+    unembedding_lr: float = Field(0.008, gt=0)
+    weight_decay: float = Field(0.28, ge=0)
+    matrix_lr: float = Field(0.02, gt=0)
+    scalar_lr: float = Field(0.5, gt=0)
+    warmup_steps: int = Field(40, ge=0)
+    warmdown_ratio: float = Field(0.65, ge=0, le=1)
+    final_lr_frac: float = Field(0.05, ge=0, le=1)
+    resume_from_step: int = Field(-1, ge=-1, description="resume from a saved step; the pipeline resumes automatically")
+    eval_every: int = Field(250, description="val-bpb period in steps; -1 disables")
+    eval_tokens: int = Field(80 * 524_288, gt=0, description="tokens per val-bpb evaluation")
+    core_metric_every: int = Field(2000, description="CORE period; -1 disables, 999999 = only at the end")
+    core_metric_max_per_task: int = Field(500, description="CORE examples per task; -1 = all")
+    sample_every: int = Field(2000, description="sampling period; -1 disables")
+    save_every: int = Field(-1, description="checkpoint period; -1 = only the final step")
+    model_tag: str | None = Field(None, description="checkpoint name; default d<depth>")
+
+    @field_validator("window_pattern")
+    @classmethod
+    def _pattern(cls, v: str) -> str:
+        v = v.upper()
+        if not v or set(v) - {"S", "L"}:
+            raise ValueError("must be a non-empty string of S and L, e.g. SSSL or L")
+        return v
+
+    @field_validator("head_dim")
+    @classmethod
+    def _even_head_dim(cls, v: int) -> int:
+        if v % 2:
+            raise ValueError("must be even (RoPE rotates pairs of dimensions), e.g. 64 or 128")
+        return v
+
+    @field_validator("eval_every", "core_metric_every", "sample_every", "save_every")
+    @classmethod
+    def _period(cls, v: int) -> int:
+        if v == 0 or v < -1:
+            raise ValueError("must be -1 (off) or a positive number of steps")
+        return v
+
+    @field_validator("total_batch_size", "num_iterations")
+    @classmethod
+    def _minus_one_or_positive(cls, v: int) -> int:
+        if v == 0 or v < -1:
+            raise ValueError("must be -1 (derive) or positive")
+        return v
+
+    @field_validator("core_metric_max_per_task")
+    @classmethod
+    def _max_per_task(cls, v: int) -> int:
+        if v == 0 or v < -1:
+            raise ValueError("must be -1 (all examples) or positive")
+        return v
+
+    @field_validator("fp8_recipe")
+    @classmethod
+    def _recipe(cls, v: str) -> str:
+        if v == "rowwise":
+            raise ValueError("rowwise FP8 is not implemented; use tensorwise")
+        return v
+
+
+class BaseEvalConfig(Section):
+    bundle: str = Field(DEFAULT_BUNDLE, description="CORE eval bundle: zip URL, local zip or directory")
+    eval: str = Field("core,bpb,sample", description="comma list of core, bpb, sample")
+    max_per_task: int = Field(-1, description="CORE examples per task; -1 = all")
+    device_batch_size: int = Field(32, ge=1)
+    split_tokens: int = Field(40 * 524_288, gt=0, description="tokens per split for bpb")
+    allow_missing_tasks: bool = Field(False, description="average CORE over the tasks present instead of failing")
+
+    @field_validator("eval")
+    @classmethod
+    def _modes(cls, v: str) -> str:
+        modes = [m.strip() for m in v.split(",") if m.strip()]
+        bad = [m for m in modes if m not in ("core", "bpb", "sample")]
+        if not modes or bad:
+            raise ValueError(f"unknown eval mode(s) {bad or v!r}; use a comma list of core, bpb, sample")
+        return ",".join(modes)
+
+
+class SFTConfig(Section):
+    """Options of the reference chat_sft (spec/08 §5); None inherits from the base checkpoint."""
+
+    data: list[str] | None = Field(None, description="local jsonl/parquet conversation files replacing the default mixture")
+    load_optimizer: bool = True
+    num_iterations: int = Field(-1, description="-1 = one pass over the mixture")
+    max_seq_len: int | None = Field(None, ge=2)
+    device_batch_size: int | None = Field(None, ge=1)
+    total_batch_size: int | None = Field(None, ge=1)
+    embedding_lr: float | None = Field(None, gt=0)
+    unembedding_lr: float | None = Field(None, gt=0)
+    matrix_lr: float | None = Field(None, gt=0)
+    init_lr_frac: float = Field(0.8, gt=0)
+    warmup_ratio: float = Field(0.0, ge=0, le=1)
+    warmdown_ratio: float = Field(0.5, ge=0, le=1)
+    final_lr_frac: float = Field(0.0, ge=0, le=1)
+    eval_every: int = 200
+    eval_tokens: int = Field(40 * 524_288, gt=0)
+    chatcore_every: int = 200
+    chatcore_max_cat: int = -1
+    chatcore_max_sample: int = 24
+    mmlu_epochs: int = Field(3, ge=0)
+    gsm8k_epochs: int = Field(4, ge=0)
+    save_every: int = -1
+
+
+class ChatEvalConfig(Section):
+    """Options of the reference chat_eval (spec/08 §6)."""
+
+    data_dir: str | None = Field(None, description="directory of ARC/MMLU/GSM8K/HumanEval files instead of the hub")
+    tasks: str = Field("all", description="'all' or task names joined by |")
+    temperature: float = Field(0.0, ge=0)
+    max_new_tokens: int = Field(512, ge=1)
+    num_samples: int = Field(1, ge=1)
+    top_k: int = Field(50, ge=1)
+    batch_size: int = Field(8, ge=1)
+    max_problems: int | None = Field(None, ge=1)
+
+
+class ReportConfig(Section):
+    regression: bool = Field(False, description="compare the summary with deployments/baselines and fail on regressions")
+    baseline: str | None = Field(None, description="baseline name in deployments/baselines; default: the preset")
+    gpu_hour_cost: float = Field(3.0, ge=0, description="$ per GPU-hour for the cost estimate")
+
+
+def _default_store() -> str:
+    return os.environ.get("SPEEDRUN_HOME") or str(Path.home() / ".cache" / "speedrun")
+
+
+class RuntimeConfig(Section):
+    store: str = Field(default_factory=_default_store, description="artifact store root ($SPEEDRUN_HOME or ~/.cache/speedrun)")
+    mirror: str | None = Field(None, description="local directory laid out like shared/data (pretrain/, eval_bundle/, sft/, chat_eval/)")
+    device_type: Literal["", "cuda", "cpu", "mps"] = Field("", description="'' = autodetect (cuda > mps > cpu)")
+    nproc_per_node: int = Field(1, ge=1, le=64, description="torchrun processes per node")
+    nnodes: int = Field(1, ge=1, description="torchrun nodes")
+    node_rank: int = Field(0, ge=0)
+    rdzv_endpoint: str | None = Field(None, description="host:port for multi-node rendezvous")
+    omp_num_threads: int | None = Field(None, ge=1, description="OMP_NUM_THREADS for torchrun workers; default 1 on GPU")
+    wandb_mode: Literal["offline", "online", "disabled"] = Field("offline")
+
+    @model_validator(mode="after")
+    def _multinode(self) -> "RuntimeConfig":
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"runtime.node_rank={self.node_rank} must be < runtime.nnodes={self.nnodes}")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError("runtime.nnodes > 1 needs runtime.rdzv_endpoint (host:port of node 0)")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+
+class SpeedrunConfig(Section):
+    preset: str = "custom"
+    data: DataConfig = DataConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    base_eval: BaseEvalConfig = BaseEvalConfig()
+    sft: SFTConfig = SFTConfig()
+    chat_eval: ChatEvalConfig = ChatEvalConfig()
+    report: ReportConfig = ReportConfig()
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    model_config = ConfigDict(frozen=True, extra="forbid", ignored_types=(cached_property,))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SpeedrunConfig":
+        try:
+            self.plan
+        except PlanError as e:
+            raise ValueError(str(e)) from None
+        vs = self.data.val_shard
+        if vs is not None and self.data.num_train_shards > vs:
+            raise ValueError(f"data.num_train_shards={self.data.num_train_shards} would overlap the validation shard "
+                             f"data.val_shard={vs}; fix: use at most {vs} train shards")
+        return self
+
+    @cached_property
+    def plan(self) -> TrainingPlan:
+        """The pretraining plan derived from depth and the horizon options (spec/05 §3)."""
+        p = self.pretrain
+        return plan_training(
+            depth=p.depth, aspect_ratio=p.aspect_ratio, head_dim=p.head_dim, max_seq_len=p.max_seq_len,
+            window_pattern=p.window_pattern, vocab_size=self.tokenizer.vocab_size,
+            device_batch_size=p.device_batch_size, total_batch_size=p.total_batch_size,
+            world_size=self.runtime.world_size, num_iterations=p.num_iterations, target_flops=p.target_flops,
+            target_param_data_ratio=p.target_param_data_ratio, weight_decay=p.weight_decay,
+            warmdown_ratio=p.warmdown_ratio)
+
+    def train_shard_indices(self) -> list[int]:
+        """Train shards [0, n): set explicitly, or enough for the tokenizer and the horizon plus a margin."""
+        d = self.data
+        if self.data.val_shard is None:
+            raise ValueError("data.val_shard is unresolved; call resolve_config() first")
+        n = d.num_train_shards
+        if n == -1:
+            for_tokenizer = -(-self.tokenizer.max_chars // d.chars_per_shard)
+            for_pretrain = -(-self.plan.total_tokens // d.train_tokens_per_shard) + d.shard_margin
+            n = max(for_tokenizer, for_pretrain)
+        return list(range(min(n, d.val_shard)))
+
+
+# ---------------------------------------------------------------------------------------------
+# presets, overrides, resolution
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def read_preset(name: str) -> dict:
+    path = PRESETS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError([f"preset: unknown preset {name!r}; fix: use one of {', '.join(list_presets())}"])
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def parse_set(items: list[str]) -> dict:
+    """`["pretrain.depth=12", "pretrain.fp8=false"]` -> nested dict; values are parsed as YAML scalars."""
+    out: dict = {}
+    problems = []
+    for item in items:
+        key, sep, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            problems.append(f"--set {item!r}: expected section.key=value, e.g. --set pretrain.depth=12")
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        out.setdefault(parts[0], {})[parts[1]] = value
+    if problems:
+        raise ConfigError(problems)
+    return out
+
+
+def _flatten_dotted(overrides: dict) -> dict:
+    """Prefect parameters may arrive as {"pretrain.depth": 12} or {"pretrain": {"depth": 12}}."""
+    out: dict = {}
+    for key, value in (overrides or {}).items():
+        if "." in key:
+            section, _, field = key.partition(".")
+            out.setdefault(section, {})[field] = value
+        elif isinstance(value, dict):
+            out.setdefault(key, {}).update(value)
+        else:
+            out[key] = value
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for k, v in extra.items():
+        merged[k] = _merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+    return merged
+
+
+def _describe(err: dict) -> str:
+    loc = ".".join(str(x) for x in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        section, _, name = loc.rpartition(".")
+        model = SpeedrunConfig.model_fields[section].annotation if section else SpeedrunConfig
+        close = difflib.get_close_matches(name, list(model.model_fields), n=1)
+        hint = f"did you mean {section + '.' if section else ''}{close[0]}?" if close else \
+            f"valid keys: {', '.join(model.model_fields)}"
+        return f"{loc}: unknown option; fix: remove it ({hint})"
+    if not loc:  # a cross-field check; its message names the fields and the fix
+        return msg
+    field = _field_info(err["loc"])
+    hint = f" ({field.description})" if field is not None and field.description else ""
+    got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+    return f"{loc}: {msg}{got}; fix: --set {loc}=<valid value>{hint}"
+
+
+def _field_info(loc: tuple):
+    model = SpeedrunConfig
+    info = None
+    for part in loc:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return info
+        info = model.model_fields[part]
+        model = info.annotation
+    return info
+
+
+def build_config(data: dict) -> SpeedrunConfig:
+    try:
+        return SpeedrunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError([_describe(err) for err in e.errors()]) from None
+
+
+def load_config(preset: str = "smoke", overrides: dict | None = None, sets: list[str] | None = None,
+                mirror: str | None = None, store: str | None = None) -> SpeedrunConfig:
+    """preset + overrides (+ CLI --set items), validated and resolved; raises ConfigError."""
+    data = _merge(read_preset(preset), _flatten_dotted(overrides or {}))
+    data = _merge(data, parse_set(sets or []))
+    data["preset"] = preset
+    runtime = data.setdefault("runtime", {})
+    if mirror is not None:
+        runtime["mirror"] = mirror
+    if store is not None:
+        runtime["store"] = store
+    return resolve_config(build_config(data))
+
+
+def resolve_config(cfg: SpeedrunConfig) -> SpeedrunConfig:
+    """Point sources at the mirror, resolve the validation shard, check local paths exist."""
+    problems: list[str] = []
+    data, base_eval, sft, chat_eval = cfg.data, cfg.base_eval, cfg.sft, cfg.chat_eval
+    runtime = cfg.runtime.model_copy(update={"store": str(Path(cfg.runtime.store).expanduser().resolve())})
+    if runtime.mirror:
+        mirror = Path(runtime.mirror).expanduser().resolve()
+        runtime = runtime.model_copy(update={"mirror": str(mirror)})
+        if not mirror.is_dir():
+            problems.append(f"runtime.mirror: {mirror} is not a directory; fix: point --mirror at a directory "
+                            "laid out like shared/data (pretrain/, eval_bundle/, sft/, chat_eval/)")
+        else:
+            if "source" not in data.model_fields_set:
+                data = data.model_copy(update={"source": str(mirror / "pretrain")})
+            if "bundle" not in base_eval.model_fields_set:
+                base_eval = base_eval.model_copy(update={"bundle": str(mirror / "eval_bundle")})
+            if "data" not in sft.model_fields_set and (mirror / "sft").is_dir():
+                sft = sft.model_copy(update={"data": sorted(str(p) for p in (mirror / "sft").glob("*.jsonl"))})
+            if "data_dir" not in chat_eval.model_fields_set and (mirror / "chat_eval").is_dir():
+                chat_eval = chat_eval.model_copy(update={"data_dir": str(mirror / "chat_eval")})
+
+    if not problems and data.val_shard is None:
+        if "{" in data.source:
+            if data.source == DEFAULT_SOURCE:
+                data = data.model_copy(update={"val_shard": DEFAULT_VAL_SHARD})
+            else:
+                problems.append("data.val_shard: must be set for a URL template source (the index of its last shard); "
+                                "fix: --set data.val_shard=<index>")
+        else:
+            if _is_local(data.source) and not Path(data.source).is_dir():
+                problems.append(f"data.source: {data.source} is not a directory; fix: point data.source (or --mirror) "
+                                "at a directory of shard_NNNNN.parquet files")
+            else:
+                try:
+                    found = list_source_shards(data.source)
+                except (OSError, ValueError) as e:
+                    found, err = [], e
+                    problems.append(f"data.source: cannot list {data.source} ({err}); fix: set data.val_shard explicitly")
+                if found:
+                    data = data.model_copy(update={"val_shard": found[-1]})
+                elif not problems:
+                    problems.append(f"data.source: no shard_NNNNN.parquet files in {data.source}; fix: point it at a shard directory")
+                if found and len(found) < 2:
+                    problems.append(f"data.source: {data.source} holds a single shard; at least one train shard and the "
+                                    "validation shard are needed")
+    if _is_local(base_eval.bundle) and not Path(base_eval.bundle).exists() and "bundle" in cfg.base_eval.model_fields_set:
+        problems.append(f"base_eval.bundle: {base_eval.bundle} does not exist; fix: point it at the bundle directory or zip")
+    for path in sft.data or []:
+        if _is_local(path) and not Path(path).exists():
+            problems.append(f"sft.data: {path} does not exist; fix: list existing jsonl/parquet files")
+    if problems:
+        raise ConfigError(problems)
+    return build_config({**cfg.model_dump(), "data": data.model_dump(), "base_eval": base_eval.model_dump(),
+                         "sft": sft.model_dump(), "chat_eval": chat_eval.model_dump(), "runtime": runtime.model_dump()})
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path or path.startswith("file://")

@@ -1,0 +1,343 @@
+"""The content-addressed artifact store: stage keys, manifests, validation and a lease lock.
+
+Layout under the store root (`runtime.store`):
+
+    stages/<stage>/<key>/        one artifact: finished files + manifest.json (written last) + work/
+    shards/<source-hash>/        pretraining shards, shared by every run that reads the same source
+    prefect-results/             Prefect's cache records (see tasks/cache.py)
+    locks/                       lease locks, one per artifact being built
+
+A stage key is the sha256 of canonical JSON of: stage name, stage format version, the config the stage
+reads, the upstream artifacts' content hashes and a fingerprint of the source files the stage runs.
+A directory without a valid manifest is not an artifact. Writes go to temp paths and are renamed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+MANIFEST = "manifest.json"
+WORK = "work"
+MANIFEST_FORMAT = 1
+
+
+def canonical_json(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a unique temp file beside `path`, fsync, then rename over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def code_fingerprint(patterns: tuple[str, ...], root: Path = PROJECT_ROOT) -> str:
+    """sha256 over the (path, bytes) of every file matching the glob patterns, relative to `root`."""
+    files = sorted({p for pat in patterns for p in root.glob(pat) if p.is_file() and "__pycache__" not in p.parts})
+    if not files:
+        raise FileNotFoundError(f"no source files match {patterns} under {root}")
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.relative_to(root).as_posix().encode() + b"\0")
+        h.update(p.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class StageDef:
+    """What identifies a stage's output: its name, format version and the code it executes."""
+
+    name: str
+    version: int
+    code: tuple[str, ...]
+
+    def key(self, section: dict, upstream: dict[str, dict]) -> str:
+        payload = {
+            "stage": self.name,
+            "version": self.version,
+            "section": section,
+            "upstream": {name: art["content_sha256"] for name, art in sorted(upstream.items())},
+            "code": code_fingerprint(self.code),
+        }
+        return sha256_bytes(canonical_json(payload))
+
+
+class Store:
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+
+    @property
+    def results_dir(self) -> Path:
+        return self.root / "prefect-results"
+
+    def stage_dir(self, stage: str, key: str) -> Path:
+        return self.root / "stages" / stage / key
+
+    def shards_dir(self, source: str) -> Path:
+        return self.root / "shards" / sha256_bytes(source.encode())[:16]
+
+    def lock(self, stage: str, key: str, lease_s: float = 120.0) -> "LeaseLock":
+        return LeaseLock(self.root / "locks" / f"{stage}-{key}.lock", lease_s=lease_s)
+
+
+# ---------------------------------------------------------------------------------------------
+# manifests
+
+def environment_info() -> dict:
+    return {
+        "git_commit": git_commit(),
+        "python": platform.python_version(),
+        "torch": _version("torch"),
+        "prefect": _version("prefect"),
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+    }
+
+
+def git_commit(root: Path = PROJECT_ROOT) -> dict:
+    """{"sha", "short", "dirty"} of the checkout, or nulls outside a git checkout."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+    try:
+        sha = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        return {"sha": sha, "short": sha[:7], "dirty": dirty}
+    except (OSError, subprocess.SubprocessError):
+        return {"sha": None, "short": None, "dirty": None}
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _listed_files(art: Path) -> list[Path]:
+    return sorted(p for p in art.rglob("*") if p.is_file() and p.name != MANIFEST
+                  and p.relative_to(art).parts[0] != WORK and not p.name.endswith(".tmp"))
+
+
+def write_manifest(art: Path, *, stage: str, key: str, metrics: dict, refs: dict[str, Path] | None = None,
+                   store_root: Path, started_at: float, extra: dict | None = None) -> dict:
+    """Hash the artifact's files (and referenced files elsewhere in the store), write manifest.json last.
+
+    Returns the small record downstream stages key on: its `content_sha256` covers file contents only,
+    so a deterministic rebuild gives downstream stages the same keys.
+    """
+    files = {p.relative_to(art).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+             for p in _listed_files(art)}
+    ref_entries = {}
+    for name, path in sorted((refs or {}).items()):
+        st = path.stat()
+        ref_entries[name] = {"path": path.relative_to(store_root).as_posix(), "size": st.st_size,
+                             "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(path)}
+    content = {"files": {k: v["sha256"] for k, v in files.items()},
+               "refs": {k: v["sha256"] for k, v in ref_entries.items()}}
+    finished = time.time()
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "stage": stage,
+        "key": key,
+        "content_sha256": sha256_bytes(canonical_json(content)),
+        "files": files,
+        "refs": ref_entries,
+        "metrics": metrics,
+        "environment": {**environment_info(), **(extra or {})},
+        "timings": {"started_at": _iso(started_at), "finished_at": _iso(finished), "seconds": finished - started_at},
+    }
+    atomic_write_json(art / MANIFEST, manifest)
+    return artifact_record(art, manifest)
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
+
+
+def read_manifest(art: Path) -> dict | None:
+    try:
+        manifest = json.loads((art / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("format") == MANIFEST_FORMAT else None
+
+
+def check_artifact(art: Path, store_root: Path) -> str | None:
+    """Cheap validation (presence, sizes, ref mtimes; no hashing). None if valid, else the reason."""
+    manifest = read_manifest(art)
+    if manifest is None:
+        return f"no valid {MANIFEST} in {art}"
+    for rel, meta in manifest["files"].items():
+        p = art / rel
+        if not p.is_file():
+            return f"{rel} is missing"
+        if p.stat().st_size != meta["size"]:
+            return f"{rel} has size {p.stat().st_size}, manifest says {meta['size']}"
+    for name, meta in manifest["refs"].items():
+        p = store_root / meta["path"]
+        if not p.is_file():
+            return f"referenced {meta['path']} is missing"
+        st = p.stat()
+        if st.st_size != meta["size"] or st.st_mtime_ns != meta["mtime_ns"]:
+            return f"referenced {meta['path']} changed since the artifact was built"
+    return None
+
+
+def artifact_record(art: Path, manifest: dict | None = None) -> dict:
+    manifest = manifest or read_manifest(art)
+    if manifest is None:
+        raise FileNotFoundError(f"{art} has no valid {MANIFEST}")
+    return {"stage": manifest["stage"], "key": manifest["key"], "path": str(art),
+            "content_sha256": manifest["content_sha256"], "metrics": manifest["metrics"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# lease lock
+
+@dataclass
+class LeaseLock:
+    """A lock file with a lease that its holder renews from a heartbeat thread.
+
+    A holder that dies stops renewing: after `lease_s` anyone may take the lock over. On the same host a
+    holder whose pid no longer exists (SIGKILL, OOM) is taken over at once. The read-check-write of the
+    lock file itself is serialised by a short flock on a guard file, which the kernel releases if its
+    owner dies. Works across hosts on a shared filesystem through the lease alone.
+    """
+
+    path: Path
+    lease_s: float = 120.0
+    poll_s: float = 0.25
+    holder: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}")
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    _thread: threading.Thread | None = field(default=None, repr=False)
+
+    def acquire(self, timeout_s: float | None = None, log=None) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        announced = False
+        while True:
+            with self._guard():
+                current = self._read()
+                if current is None or self._stale(current):
+                    self._write()
+                    break
+            if not announced and log:
+                log(f"waiting for {self.path.name}, held by {current.get('holder')} (lease until "
+                    f"{_iso(current.get('expires', 0))})")
+                announced = True
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"{self.path} is held by {current.get('holder')}")
+            time.sleep(self.poll_s)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._heartbeat, name=f"lease:{self.path.name}", daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        with self._guard():
+            current = self._read()
+            if current is not None and current.get("holder") == self.holder:
+                self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> "LeaseLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.lease_s / 3):
+            with self._guard():
+                current = self._read()
+                if current is None or current.get("holder") != self.holder:
+                    return  # taken over (we must have stalled past the lease); nothing to renew
+                self._write()
+
+    @contextlib.contextmanager
+    def _guard(self):
+        with open(self.path.with_name(self.path.name + ".guard"), "a+") as g:
+            fcntl.flock(g, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(g, fcntl.LOCK_UN)
+
+    def _read(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return {"holder": "unreadable", "expires": 0}  # a torn write of a dead holder: stale
+
+    def _write(self) -> None:
+        atomic_write_json(self.path, {"holder": self.holder, "host": socket.gethostname(), "pid": os.getpid(),
+                                      "expires": time.time() + self.lease_s})
+
+    @staticmethod
+    def _stale(info: dict) -> bool:
+        if info.get("expires", 0) < time.time():
+            return True
+        if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int):
+            return not _pid_alive(info["pid"])
+        return False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (killed, not yet reaped by its parent) still answers kill(0); it holds nothing.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return sys.platform != "linux"
