@@ -1,0 +1,389 @@
+"""Fetch pretraining shards from a source into a local directory, robustly.
+
+A source is either a URL template containing ``{index`` (the default: the ClimbMix shards on
+the Hugging Face hub) or a directory, given as a local path or any fsspec URL (``http://``,
+``file://``, ...), that holds ``shard_XXXXX.parquet`` files (a mirror). Every shard is streamed
+into a unique temp file, checked by decoding all of it (``model.data.validate_shard``) and only
+then renamed into place, so the destination never holds a partial or garbled final file.
+Transient failures are retried with exponential backoff; a missing shard is reported at once.
+
+This is plain Python (no Prefect): the shards stage wraps ``fetch_shards`` in a Prefect task.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import aiohttp
+import fsspec
+from fsspec.asyn import sync
+from fsspec.core import url_to_fs
+from fsspec.implementations.http import HTTPFileSystem, HTTPStreamFile
+from fsspec.utils import get_protocol
+from tqdm import tqdm
+
+from model.data import CorruptShardError, ShardStats, shard_filename, validate_shard
+
+DEFAULT_SOURCE = (
+    "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main/"
+    "shard_{index:05d}.parquet"
+)
+# The last shard of the default source; it is the validation split (spec 02 §1).
+DEFAULT_VAL_SHARD = 6542
+
+CHUNK_BYTES = 1 << 20
+_SHARD_FILE = re.compile(r"^shard_(\d{5})\.parquet$")
+_HTTP_PROTOCOLS = ("http", "https")
+# 4xx statuses that say "try again later" rather than "this will never work".
+_RETRYABLE_CLIENT_STATUSES = frozenset({408, 425, 429})
+
+
+class ShardSourceError(RuntimeError):
+    """The source cannot provide a shard (missing file, access refused): retrying won't help."""
+
+
+class ShardDownloadError(RuntimeError):
+    """A shard could not be fetched after every attempt (network errors, bad bytes)."""
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """One shard present and valid in the destination directory."""
+
+    index: int
+    path: str
+    size: int
+    sha256: str
+    num_rows: int
+    num_row_groups: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _is_template(source: str) -> bool:
+    return "{index" in source
+
+
+def shard_url(source: str | os.PathLike[str], index: int) -> str:
+    """Where shard ``index`` lives in ``source`` (a ``{index...}`` template or a directory)."""
+    source = os.fspath(source)
+    if _is_template(source):
+        try:
+            return source.format(index=index)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(
+                f"shard source template {source!r} must use only the field {{index}} "
+                f"(e.g. 'https://host/dir/shard_{{index:05d}}.parquet'): {exc}"
+            ) from exc
+    return f"{source.rstrip('/')}/{shard_filename(index)}"
+
+
+def _filesystem(url: str, timeout_s: float) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for ``url`` and the path to give it, with HTTP timeouts set."""
+    protocol = get_protocol(url)
+    if protocol in _HTTP_PROTOCOLS:
+        # aiohttp's default is a 300 s limit on the *whole* request, which would kill a slow
+        # but healthy 100 MB download; like `requests.get(timeout=...)` we bound connecting
+        # and each wait for data instead. fsspec caches filesystems by their arguments, so
+        # each distinct timeout gets (and keeps) its own aiohttp session.
+        timeout = aiohttp.ClientTimeout(total=None, connect=timeout_s, sock_read=timeout_s)
+        return fsspec.filesystem(protocol, client_kwargs={"timeout": timeout}), url
+    return url_to_fs(url)
+
+
+def list_source_shards(source: str | os.PathLike[str], *, timeout_s: float = 30.0) -> list[int]:
+    """Sorted indices of the ``shard_XXXXX.parquet`` files in a directory source.
+
+    Used to find a mirror's validation shard (its highest index). Temp files and other names
+    are ignored. A template source cannot be listed: ``ValueError``.
+    """
+    source = os.fspath(source)
+    if _is_template(source):
+        raise ValueError(
+            f"shard source {source!r} is a URL template and cannot be listed; "
+            "give the validation shard index explicitly, or use a directory source"
+        )
+    fs, path = _filesystem(source, timeout_s)
+    try:
+        entries = fs.ls(path, detail=False)
+    except FileNotFoundError as exc:
+        raise ShardSourceError(
+            f"shard source {source} does not exist or cannot be listed; "
+            "check data.source / --mirror"
+        ) from exc
+    indices = set()
+    for entry in entries:
+        match = _SHARD_FILE.match(entry.rstrip("/").rsplit("/", 1)[-1])
+        if match:
+            indices.add(int(match.group(1)))
+    return sorted(indices)
+
+
+class _SourceRejected(Exception):
+    """Opening the source failed in a way retrying cannot fix (carries the reason)."""
+
+
+class _Cancelled(Exception):
+    """Another shard failed for good; this worker stops early."""
+
+
+def _open_stream(url: str, timeout_s: float) -> IO[bytes]:
+    fs, path = _filesystem(url, timeout_s)
+    if isinstance(fs, HTTPFileSystem):
+        # fs.open() first probes the size with HEAD (then GET) and turns *any* probe failure,
+        # a 503 or a timeout included, into FileNotFoundError, which would make transient
+        # errors look permanent. A stream file issues exactly one GET and raises
+        # FileNotFoundError only for a real 404 (other statuses: ClientResponseError).
+        session = sync(fs.loop, fs.set_session)
+        return HTTPStreamFile(fs, path, session=session, loop=fs.loop)
+    return fs.open(path, "rb")
+
+
+@contextmanager
+def _open_source(url: str, timeout_s: float) -> Iterator[IO[bytes]]:
+    """Open ``url`` for streaming; raise ``_SourceRejected`` for permanent failures."""
+    try:
+        stream = _open_stream(url, timeout_s)
+    except FileNotFoundError as exc:
+        raise _SourceRejected("not found") from exc
+    except PermissionError as exc:
+        raise _SourceRejected(f"permission denied ({exc})") from exc
+    except aiohttp.ClientResponseError as exc:
+        if exc.status >= 500 or exc.status in _RETRYABLE_CLIENT_STATUSES:
+            raise
+        raise _SourceRejected(f"HTTP {exc.status} {exc.message}") from exc
+    with stream:
+        yield stream
+
+
+def _stream_to_file(
+    url: str, dest: Path, timeout_s: float, cancelled: threading.Event
+) -> tuple[int, str]:
+    """Copy ``url`` into ``dest`` in chunks, fsync it; return (size, sha256)."""
+    digest = hashlib.sha256()
+    size = 0
+    with _open_source(url, timeout_s) as source, open(dest, "wb") as out:
+        while chunk := source.read(CHUNK_BYTES):
+            if cancelled.is_set():
+                raise _Cancelled()
+            out.write(chunk)
+            digest.update(chunk)
+            size += len(chunk)
+        out.flush()
+        # The rename below must never publish a file whose bytes are still only in cache.
+        os.fsync(out.fileno())
+    return size, digest.hexdigest()
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename inside ``directory`` durable (best effort where unsupported)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _record(index: int, path: Path, size: int, sha256: str, stats: ShardStats) -> ShardRecord:
+    return ShardRecord(
+        index=index,
+        path=str(path),
+        size=size,
+        sha256=sha256,
+        num_rows=stats.num_rows,
+        num_row_groups=stats.num_row_groups,
+    )
+
+
+def _describe(exc: BaseException | None, timeout_s: float) -> str:
+    # fsspec re-raises aiohttp's read/connect timeouts as a bare FSTimeoutError() with no
+    # message, so say what actually happened.
+    if isinstance(exc, TimeoutError):
+        return f"{type(exc).__name__}: timed out (no connection or no data for {timeout_s:g} s)"
+    return f"{type(exc).__name__}: {str(exc) or repr(exc)}"
+
+
+# What a retry can fix: network trouble (aiohttp errors, timeouts, HTTP 5xx/408/429, a body
+# cut short), local I/O hiccups, and downloaded bytes that do not decode (truncated/garbled).
+_TRANSIENT_ERRORS = (aiohttp.ClientError, OSError, CorruptShardError)
+
+
+def _download(
+    url: str,
+    index: int,
+    final: Path,
+    *,
+    attempts: int,
+    backoff_s: float,
+    timeout_s: float,
+    cancelled: threading.Event,
+    log: Callable[[str], Any],
+) -> ShardRecord:
+    last_error: BaseException | None = None
+    for attempt in range(1, attempts + 1):
+        tmp = final.with_name(f"{final.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            size, sha256 = _stream_to_file(url, tmp, timeout_s, cancelled)
+            stats = validate_shard(tmp)
+            os.replace(tmp, final)
+            _fsync_dir(final.parent)
+            return _record(index, final, size, sha256, stats)
+        except _SourceRejected as exc:
+            raise ShardSourceError(
+                f"shard {index} is not available from {url}: {exc}; "
+                "check data.source / --mirror (the source must hold "
+                f"{shard_filename(index)})"
+            ) from exc
+        except _TRANSIENT_ERRORS as exc:
+            last_error = exc
+            failure = f"shard {index:05d}: attempt {attempt}/{attempts} failed"
+            if attempt == attempts:
+                log(f"{failure} ({_describe(exc, timeout_s)})")
+                break
+            delay = backoff_s * 2 ** (attempt - 1)
+            log(f"{failure} ({_describe(exc, timeout_s)}); retrying in {delay:g} s")
+            # Waiting on the event lets a failure elsewhere cut the backoff short.
+            if cancelled.wait(delay):
+                raise _Cancelled() from exc
+        finally:
+            tmp.unlink(missing_ok=True)
+    raise ShardDownloadError(
+        f"shard {index} could not be fetched from {url} after {attempts} attempts; "
+        f"last error: {_describe(last_error, timeout_s)}"
+    ) from last_error
+
+
+def _ensure_shard(
+    source: str,
+    index: int,
+    dest_dir: Path,
+    *,
+    attempts: int,
+    backoff_s: float,
+    timeout_s: float,
+    cancelled: threading.Event,
+    log: Callable[[str], Any],
+) -> ShardRecord:
+    """Reuse a valid shard already in ``dest_dir``, else (re-)fetch it."""
+    if cancelled.is_set():
+        raise _Cancelled()
+    final = dest_dir / shard_filename(index)
+    replacing_corrupt = False
+    if final.exists():
+        try:
+            stats = validate_shard(final)
+        except CorruptShardError as exc:
+            log(f"shard {index:05d}: existing {final} is corrupt ({exc.reason}); deleting it")
+            final.unlink(missing_ok=True)
+            replacing_corrupt = True
+        else:
+            record = _record(index, final, final.stat().st_size, _sha256_file(final), stats)
+            log(f"shard {index:05d}: reusing valid {final} ({record.num_rows} rows)")
+            return record
+
+    url = shard_url(source, index)
+    started = time.monotonic()
+    record = _download(
+        url,
+        index,
+        final,
+        attempts=attempts,
+        backoff_s=backoff_s,
+        timeout_s=timeout_s,
+        cancelled=cancelled,
+        log=log,
+    )
+    verb = "re-fetched" if replacing_corrupt else "fetched"
+    log(
+        f"shard {index:05d}: {verb} {url} ({record.size / 1e6:.1f} MB, {record.num_rows} rows) "
+        f"in {time.monotonic() - started:.1f} s"
+    )
+    return record
+
+
+def fetch_shards(
+    source: str | os.PathLike[str],
+    indices: Iterable[int],
+    dest_dir: str | os.PathLike[str],
+    *,
+    workers: int = 4,
+    attempts: int = 5,
+    backoff_s: float = 1.0,
+    timeout_s: float = 30.0,
+    progress: bool = True,
+    log: Callable[[str], Any] = print,
+) -> dict[int, ShardRecord]:
+    """Make ``dest_dir/shard_XXXXX.parquet`` present and valid for every index; return records.
+
+    Valid shards already there are reused (no request); corrupt ones are deleted and fetched
+    again. Downloads run on ``workers`` threads; each shard gets up to ``attempts`` tries with
+    ``backoff_s * 2**(k-1)`` seconds of sleep after failed try k. ``timeout_s`` bounds HTTP
+    connecting and each wait for data. A missing shard raises ``ShardSourceError`` at once; a
+    shard that fails every try raises ``ShardDownloadError``. On the first permanent failure
+    the remaining shards are cancelled and the error is raised; no temp file is left behind.
+    The result is keyed by index, in ascending order.
+    """
+    source = os.fspath(source)
+    wanted = sorted({int(index) for index in indices})
+    if any(index < 0 for index in wanted):
+        raise ValueError(f"shard indices must be >= 0, got {wanted}")
+    if workers < 1 or attempts < 1 or backoff_s < 0 or timeout_s <= 0:
+        raise ValueError(
+            "need workers >= 1, attempts >= 1, backoff_s >= 0 and timeout_s > 0; got "
+            f"workers={workers}, attempts={attempts}, backoff_s={backoff_s}, timeout_s={timeout_s}"
+        )
+    dest = Path(dest_dir)
+    dest.mkdir(parents=True, exist_ok=True)
+
+    cancelled = threading.Event()
+    records: dict[int, ShardRecord] = {}
+    with tqdm(total=len(wanted), desc="shards", unit="shard", disable=not progress) as bar:
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fetch-shard")
+        try:
+            futures = {
+                pool.submit(
+                    _ensure_shard,
+                    source,
+                    index,
+                    dest,
+                    attempts=attempts,
+                    backoff_s=backoff_s,
+                    timeout_s=timeout_s,
+                    cancelled=cancelled,
+                    log=log,
+                ): index
+                for index in wanted
+            }
+            for future in as_completed(futures):
+                records[futures[future]] = future.result()
+                bar.update(1)
+        except BaseException:
+            # Stop the running downloads at their next chunk or backoff and drop queued ones;
+            # shutdown() then waits for them so their temp files are gone when we raise.
+            cancelled.set()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+    return {index: records[index] for index in wanted}
