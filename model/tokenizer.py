@@ -23,11 +23,13 @@ import os
 import tempfile
 import threading
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+
+if TYPE_CHECKING:  # torch is imported where token_bytes are made or read: the orchestrator never pays for it
+    import torch
 
 import rustbpe
 import tiktoken
-import torch
 
 # GPT-4's split pattern with digit runs grouped by at most two (`\p{N}{1,2}`, GPT-4 has {1,3}):
 # the reference measured the best val_bpb with {1,2} at d12 / 32K vocab.
@@ -186,6 +188,8 @@ class Tokenizer:
             0 if i in special_ids else len(self.decode_single_token_bytes(i))
             for i in range(self.get_vocab_size())
         ]
+        import torch
+
         return torch.tensor(lengths, dtype=torch.int32)
 
     def save(self, directory: str | os.PathLike) -> None:
@@ -203,6 +207,8 @@ class Tokenizer:
             "special_tokens": {token: self.encode_special(token) for token in SPECIAL_TOKENS},
             "vocab_size": self.get_vocab_size(),
         }
+        import torch
+
         token_bytes = self.token_bytes()
         _write_atomic(directory / RANKS_FILE, lambda f: f.write(rank_lines))
         _write_atomic(directory / TOKEN_BYTES_FILE, lambda f: torch.save(token_bytes, f))
@@ -254,6 +260,8 @@ def _write_atomic(path: Path, write: Callable) -> None:
 
 
 def load_token_bytes(directory: str | os.PathLike, device: str | torch.device = "cpu") -> torch.Tensor:
+    import torch
+
     path = _require_file(Path(directory) / TOKEN_BYTES_FILE)
     return torch.load(path, map_location=device, weights_only=True)
 

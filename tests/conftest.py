@@ -1,0 +1,32 @@
+"""Shared test set-up: an isolated Prefect home and server, and the real data in ../shared/data."""
+
+import os
+import tempfile
+from pathlib import Path
+
+# Before anything imports prefect: a throwaway PREFECT_HOME so tests never touch ~/.prefect,
+# and the project's Prefect defaults (tasks/__init__.py).
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="speedrun-test-prefect-"))
+os.environ.setdefault("WANDB_MODE", "offline")
+import tasks  # noqa: E402,F401
+
+import pytest  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "pretrain").is_dir():
+        pytest.skip(f"real data not found at {SHARED_DATA} (the tests read ../shared/data beside the repo)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One temporary Prefect server (own SQLite DB) for every in-process flow test."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
