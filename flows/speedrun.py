@@ -81,8 +81,12 @@ def speedrun(preset: str = "smoke", overrides: dict | None = None, refresh: list
              mirror: str | None = None, store: str | None = None) -> dict:
     cfg = load_config(preset, overrides, mirror=mirror, store=store)  # validated before any stage runs
     run = StageRunner(cfg, stages_to_refresh(refresh))
-    get_run_logger().info(f"preset {preset}: {cfg.plan.num_iterations} steps at depth {cfg.pretrain.depth}, "
-                          f"store {cfg.runtime.store}")
+    logger = get_run_logger()
+    logger.info(f"preset {preset}: {cfg.plan.num_iterations} steps at depth {cfg.pretrain.depth}, "
+                f"store {cfg.runtime.store}")
+    if cfg.train_shards_wanted() > len(cfg.train_shard_indices()):
+        logger.warning(f"the horizon wants {cfg.train_shards_wanted()} train shards but {cfg.data.source} has "
+                       f"{len(cfg.train_shard_indices())}: pretraining will repeat epochs over them")
 
     shards = run("shards", shards_stage, shards_section(cfg), shards_options(cfg))
     tokenizer = run("tokenizer", tokenizer_stage, tokenizer_section(cfg))

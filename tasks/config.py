@@ -235,9 +235,11 @@ class RuntimeConfig(Section):
     @model_validator(mode="after")
     def _multinode(self) -> "RuntimeConfig":
         if self.node_rank >= self.nnodes:
-            raise ValueError(f"runtime.node_rank={self.node_rank} must be < runtime.nnodes={self.nnodes}")
+            raise ValueError(f"runtime.node_rank={self.node_rank} must be < runtime.nnodes={self.nnodes}; "
+                             f"fix: --set runtime.node_rank=<0..{self.nnodes - 1}>")
         if self.nnodes > 1 and not self.rdzv_endpoint:
-            raise ValueError("runtime.nnodes > 1 needs runtime.rdzv_endpoint (host:port of node 0)")
+            raise ValueError(f"runtime.nnodes={self.nnodes} needs a rendezvous address; "
+                             "fix: --set runtime.rdzv_endpoint=<host:port of node 0>")
         return self
 
     @property
@@ -282,17 +284,23 @@ class SpeedrunConfig(Section):
             target_param_data_ratio=p.target_param_data_ratio, weight_decay=p.weight_decay,
             warmdown_ratio=p.warmdown_ratio)
 
-    def train_shard_indices(self) -> list[int]:
-        """Train shards [0, n): set explicitly, or enough for the tokenizer and the horizon plus a margin."""
+    def train_shards_wanted(self) -> int:
+        """Train shards the run wants: set explicitly, or enough for the tokenizer and the horizon plus a margin."""
         d = self.data
+        if d.num_train_shards != -1:
+            return d.num_train_shards
+        for_tokenizer = -(-self.tokenizer.max_chars // d.chars_per_shard)
+        for_pretrain = -(-self.plan.total_tokens // d.train_tokens_per_shard) + d.shard_margin
+        return max(for_tokenizer, for_pretrain)
+
+    def train_shard_indices(self) -> list[int]:
+        """Train shards [0, n), n capped by the source (all shards before the validation shard).
+
+        A small source (a mirror) then serves a long horizon by repeating epochs; the flow says so.
+        """
         if self.data.val_shard is None:
             raise ValueError("data.val_shard is unresolved; call resolve_config() first")
-        n = d.num_train_shards
-        if n == -1:
-            for_tokenizer = -(-self.tokenizer.max_chars // d.chars_per_shard)
-            for_pretrain = -(-self.plan.total_tokens // d.train_tokens_per_shard) + d.shard_margin
-            n = max(for_tokenizer, for_pretrain)
-        return list(range(min(n, d.val_shard)))
+        return list(range(min(self.train_shards_wanted(), self.data.val_shard)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,16 +325,23 @@ def parse_set(items: list[str]) -> dict:
         key, sep, raw = item.partition("=")
         parts = key.strip().split(".")
         if not sep or len(parts) != 2 or not all(parts):
-            problems.append(f"--set {item!r}: expected section.key=value, e.g. --set pretrain.depth=12")
+            problems.append(f"--set {item!r}: not of the form section.key=value; fix: e.g. --set pretrain.depth=12")
             continue
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        out.setdefault(parts[0], {})[parts[1]] = value
+        out.setdefault(parts[0], {})[parts[1]] = _parse_value(parts, raw)
     if problems:
         raise ConfigError(problems)
     return out
+
+
+def _parse_value(loc: list[str], raw: str):
+    """YAML scalars (12, 8.25, false, null), except that text options keep the text (`pretrain.run=2024`)."""
+    field = _field_info(tuple(loc))
+    if field is not None and field.annotation in (str, str | None) and raw.strip() not in ("null", "~"):
+        return raw
+    try:
+        return yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        return raw
 
 
 def _flatten_dotted(overrides: dict) -> dict:
@@ -360,9 +375,9 @@ def _describe(err: dict) -> str:
         hint = f"did you mean {section + '.' if section else ''}{close[0]}?" if close else \
             f"valid keys: {', '.join(model.model_fields)}"
         return f"{loc}: unknown option; fix: remove it ({hint})"
-    if not loc:  # a cross-field check; its message names the fields and the fix
-        return msg
     field = _field_info(err["loc"])
+    if not loc or (field is not None and isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+        return msg  # a cross-field check: its message names the fields and the fix
     hint = f" ({field.description})" if field is not None and field.description else ""
     got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
     return f"{loc}: {msg}{got}; fix: --set {loc}=<valid value>{hint}"

@@ -12,6 +12,7 @@ This is plain Python (no Prefect): the shards stage wraps ``fetch_shards`` in a 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -228,6 +229,8 @@ def _describe(exc: BaseException | None, timeout_s: float) -> str:
 # What a retry can fix: network trouble (aiohttp errors, timeouts, HTTP 5xx/408/429, a body
 # cut short), local I/O hiccups, and downloaded bytes that do not decode (truncated/garbled).
 _TRANSIENT_ERRORS = (aiohttp.ClientError, OSError, CorruptShardError)
+# ...except local write failures that no retry fixes (disk full, quota, read-only disk): fail at once.
+_LOCAL_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 
 def _download(
@@ -257,22 +260,34 @@ def _download(
                 f"{shard_filename(index)})"
             ) from exc
         except _TRANSIENT_ERRORS as exc:
+            if isinstance(exc, OSError) and exc.errno in _LOCAL_WRITE_ERRNOS:
+                raise ShardDownloadError(
+                    f"shard {index} cannot be written to {final.parent}: {exc.strerror}; fix: free space there "
+                    "or point runtime.store (--store) at a disk with room for the shards"
+                ) from exc
             last_error = exc
-            failure = f"shard {index:05d}: attempt {attempt}/{attempts} failed"
-            if attempt == attempts:
-                log(f"{failure} ({_describe(exc, timeout_s)})")
+            if not _retry_or_stop(exc, index, attempt, attempts, backoff_s, timeout_s, cancelled, log):
                 break
-            delay = backoff_s * 2 ** (attempt - 1)
-            log(f"{failure} ({_describe(exc, timeout_s)}); retrying in {delay:g} s")
-            # Waiting on the event lets a failure elsewhere cut the backoff short.
-            if cancelled.wait(delay):
-                raise _Cancelled() from exc
         finally:
             tmp.unlink(missing_ok=True)
     raise ShardDownloadError(
         f"shard {index} could not be fetched from {url} after {attempts} attempts; "
         f"last error: {_describe(last_error, timeout_s)}"
     ) from last_error
+
+
+def _retry_or_stop(exc, index, attempt, attempts, backoff_s, timeout_s, cancelled, log) -> bool:
+    """Log a failed attempt; wait out the backoff and return True to try again, False after the last."""
+    failure = f"shard {index:05d}: attempt {attempt}/{attempts} failed"
+    if attempt == attempts:
+        log(f"{failure} ({_describe(exc, timeout_s)})")
+        return False
+    delay = backoff_s * 2 ** (attempt - 1)
+    log(f"{failure} ({_describe(exc, timeout_s)}); retrying in {delay:g} s")
+    # Waiting on the event lets a failure elsewhere cut the backoff short.
+    if cancelled.wait(delay):
+        raise _Cancelled() from exc
+    return True
 
 
 def _ensure_shard(
@@ -323,6 +338,24 @@ def _ensure_shard(
     return record
 
 
+STALE_TEMP_AGE_S = 3600.0
+
+
+def remove_stale_temp_files(directory: Path, older_than_s: float = STALE_TEMP_AGE_S, log=print) -> int:
+    """Delete temp files a killed fetcher left behind. Only old ones: another run may be writing a young one."""
+    removed = 0
+    for tmp in directory.glob("shard_*.parquet.*.tmp"):
+        try:
+            if time.time() - tmp.stat().st_mtime > older_than_s:
+                tmp.unlink()
+                removed += 1
+        except FileNotFoundError:
+            pass  # its writer finished or cleaned up meanwhile
+    if removed:
+        log(f"removed {removed} stale temp file(s) from {directory}")
+    return removed
+
+
 def fetch_shards(
     source: str | os.PathLike[str],
     indices: Iterable[int],
@@ -356,6 +389,7 @@ def fetch_shards(
         )
     dest = Path(dest_dir)
     dest.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(dest, log=log)
 
     cancelled = threading.Event()
     records: dict[int, ShardRecord] = {}

@@ -156,7 +156,12 @@ def _version(package: str) -> str | None:
 
 def _listed_files(art: Path) -> list[Path]:
     return sorted(p for p in art.rglob("*") if p.is_file() and p.name != MANIFEST
-                  and p.relative_to(art).parts[0] != WORK and not p.name.endswith(".tmp"))
+                  and p.relative_to(art).parts[0] != WORK and not _is_temp_file(p))
+
+
+def _is_temp_file(p: Path) -> bool:
+    """The hidden `.<name>.<hex>.tmp` files atomic_write_bytes uses; an artifact's own `x.tmp` files count."""
+    return p.name.startswith(".") and p.name.endswith(".tmp")
 
 
 def write_manifest(art: Path, *, stage: str, key: str, metrics: dict, refs: dict[str, Path] | None = None,
@@ -257,17 +262,21 @@ class LeaseLock:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         announced = False
         while True:
-            with self._guard():
-                current = self._read()
-                if current is None or self._stale(current):
-                    self._write()
-                    break
-            if not announced and log:
+            current = None
+            try:
+                with self._guard(wait_s=self.poll_s):
+                    current = self._read()
+                    if current is None or self._stale(current):
+                        self._write()
+                        break
+            except _GuardBusy:
+                pass  # someone is mid-update (or frozen inside the guard): just another round
+            if not announced and log and current:
                 log(f"waiting for {self.path.name}, held by {current.get('holder')} (lease until "
                     f"{_iso(current.get('expires', 0))})")
                 announced = True
             if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"{self.path} is held by {current.get('holder')}")
+                raise TimeoutError(f"{self.path} is held by {(current or {}).get('holder', 'another process')}")
             time.sleep(self.poll_s)
         self._stop.clear()
         self._thread = threading.Thread(target=self._heartbeat, name=f"lease:{self.path.name}", daemon=True)
@@ -278,10 +287,13 @@ class LeaseLock:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        with self._guard():
-            current = self._read()
-            if current is not None and current.get("holder") == self.holder:
-                self.path.unlink(missing_ok=True)
+        try:
+            with self._guard(wait_s=self.lease_s):
+                current = self._read()
+                if current is not None and current.get("holder") == self.holder:
+                    self.path.unlink(missing_ok=True)
+        except _GuardBusy:
+            pass  # the guard is wedged; our lease simply runs out
 
     def __enter__(self) -> "LeaseLock":
         self.acquire()
@@ -292,16 +304,28 @@ class LeaseLock:
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.lease_s / 3):
-            with self._guard():
-                current = self._read()
-                if current is None or current.get("holder") != self.holder:
-                    return  # taken over (we must have stalled past the lease); nothing to renew
-                self._write()
+            try:
+                with self._guard(wait_s=self.lease_s / 6):
+                    current = self._read()
+                    if current is None or current.get("holder") != self.holder:
+                        return  # taken over (we must have stalled past the lease); nothing to renew
+                    self._write()
+            except _GuardBusy:
+                continue  # try again at the next beat; the lease still has 2/3 of its length to run
 
     @contextlib.contextmanager
-    def _guard(self):
+    def _guard(self, wait_s: float):
+        """A short exclusive flock around read-check-write of the lock file; never waits past `wait_s`."""
         with open(self.path.with_name(self.path.name + ".guard"), "a+") as g:
-            fcntl.flock(g, fcntl.LOCK_EX)
+            give_up = time.monotonic() + wait_s
+            while True:
+                try:
+                    fcntl.flock(g, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > give_up:
+                        raise _GuardBusy() from None
+                    time.sleep(0.01)
             try:
                 yield
             finally:
@@ -326,6 +350,10 @@ class LeaseLock:
         if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int):
             return not _pid_alive(info["pid"])
         return False
+
+
+class _GuardBusy(Exception):
+    """The guard flock stayed taken for longer than the caller will wait."""
 
 
 def _pid_alive(pid: int) -> bool:

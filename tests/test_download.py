@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import os
 import shutil
 import socket
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -460,3 +462,35 @@ def test_iterators_walk_row_groups_in_order():
     assert strided == groups[1:n0:2] + groups[n0 + 1 :: 2]
     with pytest.raises(ValueError):
         next(iter_row_group_texts(paths, step=0))
+
+
+def test_disk_full_fails_at_once_with_the_fix(tmp_path):
+    """A real full disk (a 1 MiB tmpfs; shards are ~2.3 MB): no retries, a clear error, nothing left behind."""
+    dest = tmp_path / "tiny"
+    dest.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(dest)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN) to fill a disk for real")
+    try:
+        logs: list[str] = []
+        t0 = time.monotonic()
+        with pytest.raises(ShardDownloadError) as exc_info:
+            fetch_shards(str(PRETRAIN_DIR), [0], dest, attempts=5, backoff_s=1.0, progress=False, log=logs.append)
+        assert time.monotonic() - t0 < 5  # no backoff waits
+        message = str(exc_info.value)
+        assert "No space left on device" in message and "runtime.store" in message
+        assert not any("retrying" in line for line in logs)
+        assert list(dest.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(dest)], check=False)
+
+
+def test_stale_temp_files_are_removed_young_ones_kept(tmp_path):
+    old = tmp_path / "shard_00000.parquet.deadbeef.tmp"
+    young = tmp_path / "shard_00001.parquet.cafebabe.tmp"
+    for p in (old, young):
+        p.write_bytes(b"partial")
+    stale = time.time() - 2 * 3600
+    os.utime(old, (stale, stale))
+    fetch_shards(str(PRETRAIN_DIR), [0], tmp_path, progress=False, log=lambda _: None)
+    assert not old.exists() and young.exists()
+    assert (tmp_path / "shard_00000.parquet").is_file()

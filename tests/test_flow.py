@@ -4,17 +4,21 @@ In-process runs share one temporary Prefect server; the CLI tests run `python -m
 subprocesses (embedded Prefect), from a copy of the repo where a test edits source files.
 """
 
+import http.server
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 from flows.speedrun import speedrun, stages_to_refresh
+from tasks.download import ShardSourceError
 from tasks.store import read_manifest, sha256_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -101,6 +105,34 @@ def test_lost_cache_record_reuses_valid_artifact(run):
     assert run() == {"shards": "Completed", "tokenizer": "Completed"}
     assert read_manifest(artifact(run, "tokenizer")) == manifest_before  # reused, not rebuilt
     assert run() == {"shards": "Cached", "tokenizer": "Cached"}
+
+
+@pytest.fixture(scope="module")
+def http_mirror(shared_data):
+    """A real HTTP server on 127.0.0.1 serving ../shared/data (directory listings included)."""
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(shared_data))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_http_source_fetches_shards_and_resolves_val_shard(run, http_mirror, shared_data):
+    source = f"{http_mirror}/pretrain"
+    assert run(overrides={"data.source": source}) == {"shards": "Completed", "tokenizer": "Completed"}
+    index = json.loads((artifact(run, "shards") / "shards.json").read_text())
+    assert index["source"] == source and index["val"].endswith("shard_00007.parquet")  # highest index served
+    val = (artifact(run, "shards") / index["val"]).resolve()
+    assert sha256_file(val) == sha256_file(shared_data / "pretrain" / "shard_00007.parquet")
+    assert run(overrides={"data.source": source}) == {"shards": "Cached", "tokenizer": "Cached"}
+
+
+def test_missing_source_fails_the_shards_stage_with_the_url(run, http_mirror):
+    source = f"{http_mirror}/nowhere/shard_{{index:05d}}.parquet"
+    with pytest.raises(ShardSourceError, match=r"shard \d+ is not available from http://127\.0\.0\.1:\d+/nowhere/"):
+        run(overrides={"data.source": source, "data.val_shard": 7})
 
 
 def test_refresh_closure():
