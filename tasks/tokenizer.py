@@ -40,12 +40,16 @@ def tokenizer_stage(section: dict, upstream: dict, store: str, options: dict | N
 
     def build(art: Path, work: Path) -> StageOutput:
         shards = read_shard_index(upstream["shards"]["path"])
-        chars = 0
+        chars, next_report = 0, section["max_chars"] // 10
 
-        def counted(texts):
-            nonlocal chars
+        def counted(texts):  # progress every 10% of max_chars: at 2B characters training takes minutes
+            nonlocal chars, next_report
             for text in texts:
                 chars += len(text)
+                if chars >= next_report:
+                    logger.info(f"tokenizer: read {chars:,} / {section['max_chars']:,} characters "
+                                f"({time.time() - t0:.0f}s)")
+                    next_report += section["max_chars"] // 10
                 yield text
 
         t0 = time.time()
