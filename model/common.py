@@ -1,0 +1,121 @@
+"""Process-wide compute settings shared by the model and the training scripts (spec/12 §3, §5).
+
+- COMPUTE_DTYPE: the activation dtype, decided once at import. The model never uses autocast: its
+  Linear layers cast their fp32 master weights to this dtype and embeddings are stored in it.
+- autodetect_device_type(): cuda, else mps, else cpu.
+- get_peak_flops(device_name): peak dense BF16 FLOP/s of a GPU from its name, for MFU.
+- print0(...): print on global rank 0 only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DTYPE_ENV_VARS = ("SPEEDRUN_DTYPE", "NANOCHAT_DTYPE")  # first one set (non-empty) wins
+DTYPE_NAMES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_compute_dtype(env: Mapping[str, str] | None = None,
+                          cuda_capability: tuple[int, int] | None = None) -> torch.dtype:
+    """The dtype rule of spec/12 §3, as a pure function of the environment and the GPU.
+
+    env defaults to os.environ; cuda_capability is (major, minor) of device 0, or None without CUDA
+    (looked up when env gives no override and the argument is omitted).
+    """
+    env = os.environ if env is None else env
+    for var in DTYPE_ENV_VARS:
+        value = env.get(var, "")
+        if value:
+            if value not in DTYPE_NAMES:
+                raise ValueError(f"{var}={value!r}: must be one of {', '.join(DTYPE_NAMES)}")
+            return DTYPE_NAMES[value]
+    if cuda_capability is None and torch.cuda.is_available():
+        cuda_capability = torch.cuda.get_device_capability()
+    if cuda_capability is not None and tuple(cuda_capability) >= (8, 0):
+        return torch.bfloat16
+    # Older CUDA (fp16 only by explicit opt-in, it needs a GradScaler), CPU and MPS: fp32.
+    return torch.float32
+
+
+COMPUTE_DTYPE: torch.dtype = resolve_compute_dtype()
+
+
+def autodetect_device_type() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+# Peak dense BF16 FLOP/s (spec/12 §5). A row matches when ALL its substrings occur in the lower-cased
+# device name; the first matching row wins, so more specific rows come before the rows they contain
+# (gb200 before b200, h100 nvl/pcie before h100, mi250x before mi250, l40s before l4, ...).
+PEAK_FLOPS_TABLE: tuple[tuple[tuple[str, ...], float], ...] = (
+    (("gb200",), 2.5e15),
+    (("grace blackwell",), 2.5e15),
+    (("b200",), 2.25e15),
+    (("b100",), 1.8e15),
+    (("h200", "nvl"), 836e12),
+    (("h200", "pcie"), 836e12),
+    (("h200",), 989e12),
+    (("h100", "nvl"), 835e12),
+    (("h100", "pcie"), 756e12),
+    (("h100",), 989e12),
+    (("h800", "nvl"), 989e12),
+    (("h800",), 756e12),
+    (("a100",), 312e12),
+    (("a800",), 312e12),
+    (("a40",), 149.7e12),
+    (("a30",), 165e12),
+    (("l40s",), 362e12),
+    (("l40-s",), 362e12),
+    (("l40 s",), 362e12),
+    (("l4",), 121e12),
+    (("mi355",), 2.5e15),
+    (("mi325",), 1.3074e15),
+    (("mi300x",), 1.3074e15),
+    (("mi300a",), 980.6e12),
+    (("mi250x",), 383e12),
+    (("mi250",), 362.1e12),
+    (("5090",), 209.5e12),
+    (("4090",), 165.2e12),
+    (("3090",), 71e12),
+)
+INTEL_MAX_1550 = "data center gpu max 1550"  # 512 FLOP/clock per compute unit at 1300 MHz
+
+
+def _intel_compute_units() -> int | None:
+    xpu = getattr(torch, "xpu", None)
+    try:
+        if xpu is not None and xpu.is_available():
+            return int(xpu.get_device_properties(0).max_compute_units)
+    except Exception:  # noqa: BLE001 - any failure means "unknown"
+        pass
+    return None
+
+
+def get_peak_flops(device_name: str) -> float:
+    """Peak BF16 dense FLOP/s for a device name (e.g. torch.cuda.get_device_name()); unknown -> inf."""
+    name = device_name.lower()
+    for patterns, flops in PEAK_FLOPS_TABLE:
+        if all(p in name for p in patterns):
+            return flops
+    if INTEL_MAX_1550 in name:
+        units = _intel_compute_units()
+        if units is not None:
+            return 512 * units * 1300e6
+    log.warning("peak FLOP/s unknown for device %r; MFU will print as 0", device_name)
+    return float("inf")
+
+
+def print0(*args, **kwargs) -> None:
+    """print() on global rank 0 only (RANK unset counts as rank 0)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*args, **kwargs)

@@ -1,0 +1,348 @@
+"""The reference GPT of the speedrun (spec/03): modules, initialisation, forward, accounting, optimizer groups.
+
+A decoder-only transformer with parameter-free RMSNorm, half-split RoPE (base 1e5) followed by QK-norm,
+sliding-window causal attention (window pattern, e.g. SSSL, last layer always long), ReLU² MLP,
+value embeddings mixed into v on alternating layers, "smear" bigram mixing of the token embeddings,
+per-layer residual / x0 lambdas, a "backout" of the middle block's output, an untied lm_head and a
+logit softcap of 15. No autocast: every matmul goes through `Linear`, which casts its fp32 master
+weight to the activation dtype (model.common.COMPUTE_DTYPE); embeddings are stored in that dtype.
+
+Build: construct on the meta device, then `to_empty(device=...)` and `init_weights()` (or use
+`build_model`). Sizes must agree with model/sizing.py, whose helpers are used here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels.attention import flash_attn_func
+from model.common import COMPUTE_DTYPE
+from model.sizing import (SMEAR_GATE_INPUTS, VE_GATE_INPUTS, padded_vocab, value_embedding_layers,
+                          window_sizes)
+
+ROPE_BASE = 100_000
+ROPE_LENGTH_FACTOR = 10  # cos/sin are precomputed for 10 x sequence_len positions
+QK_SCALE = 1.2
+SOFTCAP = 15.0
+VE_GATE_RANGE = 3.0  # ve gate = 3 * sigmoid(...)
+ADAMW_EPS = 1e-10
+MUON_MOMENTUM, MUON_NS_STEPS, MUON_BETA2 = 0.95, 5, 0.9
+SMEAR_GROUP_LR = 0.2  # fixed: not scaled by batch size or model width
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 2048
+    vocab_size: int = 32768
+    n_layer: int = 12
+    n_head: int = 6
+    n_kv_head: int = 6
+    n_embd: int = 768
+    window_pattern: str = "SSSL"
+
+    def to_dict(self) -> dict:
+        """What checkpoints store as `model_config`."""
+        return asdict(self)
+
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    """RMSNorm over the last dim, no learnable weight, default eps (the dtype's machine epsilon)."""
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class Linear(nn.Linear):
+    """Bias-free linear layer whose fp32 master weight is cast to the input's dtype at every call."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None, dtype=None):
+        assert not bias, "the model has no biases"
+        super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Half-split RoPE on x (B, T, H, D) with cos/sin (1, T, 1, D/2): rotates each pair by -angle."""
+    d = x.size(-1) // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
+def rotary_tables(seq_len: int, head_dim: int, device, base: float = ROPE_BASE,
+                  dtype: torch.dtype = COMPUTE_DTYPE) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of angle(t, j) = t * base^(-2j/D), shaped 1 x seq_len x 1 x D/2, in `dtype`."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    t = torch.arange(seq_len, dtype=torch.float32, device=device)
+    angles = torch.outer(t, inv_freq)
+    return angles.cos().to(dtype)[None, :, None, :], angles.sin().to(dtype)[None, :, None, :]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int, has_ve: bool):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.n_embd = config.n_embd
+        self.head_dim = config.n_embd // config.n_head
+        assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
+        assert config.n_head % config.n_kv_head == 0, "n_kv_head must divide n_head (GQA)"
+        self.c_q = Linear(config.n_embd, self.n_head * self.head_dim)
+        self.c_k = Linear(config.n_embd, self.n_kv_head * self.head_dim)
+        self.c_v = Linear(config.n_embd, self.n_kv_head * self.head_dim)
+        self.c_proj = Linear(config.n_embd, config.n_embd)
+        self.ve_gate = Linear(VE_GATE_INPUTS, self.n_kv_head) if has_ve else None
+
+    def forward(self, u: torch.Tensor, ve: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                window: int) -> torch.Tensor:
+        B, T, _ = u.shape
+        q = self.c_q(u).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(u).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(u).view(B, T, self.n_kv_head, self.head_dim)
+        if ve is not None:
+            gate = VE_GATE_RANGE * torch.sigmoid(self.ve_gate(u[..., :VE_GATE_INPUTS]))  # B x T x Hkv
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
+        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+        q, k = norm(q) * QK_SCALE, norm(k) * QK_SCALE
+        y = flash_attn_func(q, k, v, causal=True, window_size=(window, 0))
+        return self.c_proj(y.contiguous().view(B, T, self.n_head * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int, has_ve: bool):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx, has_ve)
+        self.mlp = MLP(config)
+
+    def forward(self, x, ve, cos, sin, window: int):
+        x = x + self.attn(norm(x), ve, cos, sin, window)
+        return x + self.mlp(norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        C, V = config.n_embd, padded_vocab(config.vocab_size)
+        self.padded_vocab_size = V
+        self.window_sizes = window_sizes(config.n_layer, config.sequence_len, config.window_pattern)
+        self.ve_layers = value_embedding_layers(config.n_layer)
+        self.head_dim = C // config.n_head
+        kv_dim = config.n_kv_head * self.head_dim
+        self.transformer = nn.ModuleDict({
+            "wte": nn.Embedding(V, C),
+            "h": nn.ModuleList(Block(config, i, i in self.ve_layers) for i in range(config.n_layer)),
+        })
+        self.lm_head = Linear(C, V)
+        self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
+        self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
+        self.smear_gate = Linear(SMEAR_GATE_INPUTS, 1)
+        self.smear_lambda = nn.Parameter(torch.zeros(1))
+        self.backout_lambda = nn.Parameter(torch.zeros(1))
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(V, kv_dim) for i in self.ve_layers})
+        self.rotary_len = ROPE_LENGTH_FACTOR * config.sequence_len
+        cos, sin = rotary_tables(self.rotary_len, self.head_dim, device=self.lm_head.weight.device)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """spec/03 §5, RNG draws in the reference order: wte, lm_head, per block c_q c_k c_v c_fc,
+        smear_gate, value embeds (ascending layer), ve_gates (ascending layer)."""
+        C = self.config.n_embd
+        s = math.sqrt(3) / math.sqrt(C)  # uniform bound with std 1/sqrt(C)
+        embeddings = [self.transformer.wte, *self.value_embeds.values()]
+        for emb in embeddings:  # (re-)initialise fp32 masters, cast at the end
+            emb.to(dtype=torch.float32)
+        self.transformer.wte.weight.normal_(0.0, 0.8)
+        self.lm_head.weight.normal_(0.0, 0.001)
+        for block in self.transformer.h:
+            block.attn.c_q.weight.uniform_(-s, s)
+            block.attn.c_k.weight.uniform_(-s, s)
+            block.attn.c_v.weight.uniform_(-s, s)
+            block.attn.c_proj.weight.zero_()
+            block.mlp.c_fc.weight.uniform_(-0.4 * s, 0.4 * s)
+            block.mlp.c_proj.weight.zero_()
+        denom = max(self.config.n_layer - 1, 1)
+        for i in range(self.config.n_layer):
+            self.resid_lambdas[i] = 1.15 - 0.10 * i / denom
+            self.x0_lambdas[i] = 0.20 - 0.15 * i / denom
+        self.smear_lambda.fill_(0.0)
+        self.backout_lambda.fill_(0.2)
+        self.smear_gate.weight.uniform_(0.0, 0.02)
+        for emb in self.value_embeds.values():
+            emb.weight.uniform_(-s, s)
+        for i in self.ve_layers:
+            self.transformer.h[i].attn.ve_gate.weight.uniform_(0.0, 0.02)
+        self.cos, self.sin = rotary_tables(self.rotary_len, self.head_dim, device=self.lm_head.weight.device)
+        if COMPUTE_DTYPE != torch.float16:  # fp16 keeps fp32 embeddings (GradScaler cannot unscale fp16 grads)
+            for emb in embeddings:
+                emb.to(dtype=COMPUTE_DTYPE)
+
+    def get_device(self) -> torch.device:
+        return self.transformer.wte.weight.device
+
+    # --------------------------------------------------------------- forward
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, loss_reduction: str = "mean"):
+        """Logits (B x T x vocab, fp32) without targets; else the cross-entropy (ignore_index -1),
+        a scalar for reduction 'mean' or the B*T per-token losses for 'none'."""
+        B, T = idx.shape
+        assert T <= self.cos.size(1), f"sequence length {T} exceeds the rotary cache ({self.cos.size(1)})"
+        cos, sin = self.cos[:, :T], self.sin[:, :T]
+
+        x = norm(self.transformer.wte(idx).to(COMPUTE_DTYPE))
+        if T > 1:  # smear: x_t += smear_lambda * sigmoid(smear_gate(x_t[:24])) * x_{t-1} (un-smeared), t >= 1
+            gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[:, 1:, :SMEAR_GATE_INPUTS]))
+            x = torch.cat((x[:, :1], x[:, 1:] + gate * x[:, :-1]), dim=1)
+        x0 = x
+        backout_layer = self.config.n_layer // 2
+        x_backout = None
+        for i, block in enumerate(self.transformer.h):
+            x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
+            ve = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else None
+            x = block(x, ve, cos, sin, self.window_sizes[i])
+            if i == backout_layer:
+                x_backout = x
+        x = x - self.backout_lambda.to(x.dtype) * x_backout
+        x = norm(x)
+        logits = self.lm_head(x)[..., :self.config.vocab_size].float()
+        logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                               reduction=loss_reduction)
+
+    # ------------------------------------------------------------ accounting
+    def num_scaling_params(self) -> dict[str, int]:
+        """Parameter counts by group (spec/03 §6); the groups sum to the total (asserted)."""
+        def count(params) -> int:
+            return sum(p.numel() for p in params)
+        counts = {
+            "wte": count(self.transformer.wte.parameters()),
+            "value_embeds": count(self.value_embeds.parameters()),
+            "lm_head": count(self.lm_head.parameters()),
+            "transformer_matrices": count(self.transformer.h.parameters()),
+            "scalars": count([self.resid_lambdas, self.x0_lambdas, self.smear_gate.weight,
+                              self.smear_lambda, self.backout_lambda]),
+        }
+        counts["total"] = sum(counts.values())
+        assert counts["total"] == count(self.parameters()), "parameter groups do not cover the model"
+        return counts
+
+    def num_matmul_params(self) -> int:
+        """Elements of every linear weight (blocks incl. ve_gates, lm_head, smear_gate)."""
+        return sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+
+    def estimate_flops(self) -> int:
+        """Training FLOPs per token (fwd+bwd): 6 x matmul params + 12*H*D*min(window, T) per layer."""
+        T, hd = self.config.sequence_len, self.config.n_head * self.head_dim
+        attention = sum(12 * hd * min(w, T) for w in self.window_sizes)
+        return 6 * self.num_matmul_params() + attention
+
+    def estimate_decode_flops(self, context: int) -> int:
+        """FLOPs to decode one token at context length `context` (spec/03 §7)."""
+        hd = self.config.n_head * self.head_dim
+        return 2 * self.num_matmul_params() + sum(4 * hd * min(context, w) for w in self.window_sizes)
+
+    def estimate_prefill_flops(self, n: int) -> int:
+        """FLOPs to prefill n tokens (spec/03 §7)."""
+        hd = self.config.n_head * self.head_dim
+        attention = 0
+        for window in self.window_sizes:
+            w = min(window, n)
+            attention += 4 * hd * (w * (w + 1) // 2 + (n - w) * w)
+        return 2 * self.num_matmul_params() * n + attention
+
+    # ------------------------------------------------------------- optimizer
+    def optimizer_groups(self, unembedding_lr: float = 0.004, embedding_lr: float = 0.2, matrix_lr: float = 0.02,
+                         weight_decay: float = 0.0, scalar_lr: float = 0.5) -> list[dict]:
+        """The MuonAdamW parameter groups of spec/04 §1: six AdamW groups in order, then one Muon group
+        per distinct block-parameter shape (ascending shape, parameters in registration order)."""
+        dmodel_lr_scale = (self.config.n_embd / 768) ** -0.5
+
+        def adamw(params, lr, betas, wd):
+            return {"kind": "adamw", "params": list(params), "lr": lr, "betas": betas, "eps": ADAMW_EPS,
+                    "weight_decay": wd}
+
+        groups = [
+            adamw([self.lm_head.weight], unembedding_lr * dmodel_lr_scale, (0.8, 0.96), 0.01),
+            adamw([self.transformer.wte.weight], embedding_lr * dmodel_lr_scale, (0.8, 0.995), 0.001),
+            adamw(self.value_embeds.parameters(), embedding_lr * dmodel_lr_scale * 0.5, (0.8, 0.995), 0.01),
+            adamw([self.resid_lambdas], scalar_lr * 0.01, (0.8, 0.95), 0.05),
+            adamw([self.x0_lambdas], scalar_lr, (0.96, 0.95), 0.0),
+            adamw([self.smear_gate.weight, self.smear_lambda, self.backout_lambda], SMEAR_GROUP_LR, (0.8, 0.95), 0.0),
+        ]
+        by_shape: dict[tuple[int, ...], list[nn.Parameter]] = {}
+        for p in self.transformer.h.parameters():
+            by_shape.setdefault(tuple(p.shape), []).append(p)
+        for shape in sorted(by_shape):
+            groups.append({"kind": "muon", "params": by_shape[shape], "lr": matrix_lr, "momentum": MUON_MOMENTUM,
+                           "ns_steps": MUON_NS_STEPS, "beta2": MUON_BETA2, "weight_decay": weight_decay})
+
+        seen = [id(p) for g in groups for p in g["params"]]
+        assert len(seen) == len(set(seen)), "a parameter is in more than one optimizer group"
+        assert set(seen) == {id(p) for p in self.parameters()}, "optimizer groups do not cover every parameter"
+        return groups
+
+    def setup_optimizer(self, unembedding_lr: float = 0.004, embedding_lr: float = 0.2, matrix_lr: float = 0.02,
+                        weight_decay: float = 0.0, scalar_lr: float = 0.5):
+        """MuonAdamW over optimizer_groups(...); every group gets initial_lr = lr."""
+        from model.optim import MuonAdamW  # imported here: the optimizer module is optional for the model
+
+        optimizer = MuonAdamW(self.optimizer_groups(unembedding_lr=unembedding_lr, embedding_lr=embedding_lr,
+                                                    matrix_lr=matrix_lr, weight_decay=weight_decay,
+                                                    scalar_lr=scalar_lr))
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+        return optimizer
+
+    # ------------------------------------------------------------ generation
+    @torch.inference_mode()
+    def generate(self, tokens: list[int], max_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 seed: int = 42) -> Iterator[int]:
+        """Naive sampler (spec/03 §8): batch 1, full forward each step, yields one token id per step."""
+        assert isinstance(tokens, list) and tokens, "tokens must be a non-empty list of ids"
+        assert temperature >= 0, "temperature must be >= 0"
+        device = self.get_device()
+        rng = None
+        if temperature > 0:
+            rng = torch.Generator(device=device)
+            rng.manual_seed(seed)
+        ids = torch.tensor([tokens], dtype=torch.long, device=device)
+        for _ in range(max_tokens):
+            logits = self.forward(ids)[:, -1, :]
+            if top_k is not None and top_k > 0:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            if temperature > 0:
+                probs = F.softmax(logits / temperature, dim=-1)
+                next_id = torch.multinomial(probs, num_samples=1, generator=rng)
+            else:
+                next_id = torch.argmax(logits, dim=-1, keepdim=True)
+            ids = torch.cat((ids, next_id), dim=1)
+            yield next_id.item()
+
+
+def build_model(config: GPTConfig, device: torch.device | str) -> GPT:
+    """Construct on the meta device, materialise on `device`, initialise (spec/03 §5)."""
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model
