@@ -20,6 +20,7 @@ from prefect import flow, get_run_logger
 
 from tasks.cache import with_store
 from tasks.config import STAGES, ConfigError, SpeedrunConfig, load_config, parse_set
+from tasks.pretrain import pretrain_options, pretrain_section, pretrain_stage
 from tasks.shards import shards_options, shards_section, shards_stage
 from tasks.store import Store, atomic_write_json
 from tasks.tokenizer import tokenizer_section, tokenizer_stage
@@ -90,10 +91,19 @@ def speedrun(preset: str = "smoke", overrides: dict | None = None, refresh: list
 
     shards = run("shards", shards_stage, shards_section(cfg), shards_options(cfg))
     tokenizer = run("tokenizer", tokenizer_stage, tokenizer_section(cfg))
+    pretrain = run("pretrain", pretrain_stage, pretrain_section(cfg), pretrain_options(cfg))
 
+    trained = pretrain["metrics"]
     summary = {
         "preset": preset,
         "store": cfg.runtime.store,
+        "total_training_time": trained["total_training_time"],
+        "total_training_flops": trained["total_training_flops"],
+        "min_val_bpb": trained["min_val_bpb"],
+        "core_metric": trained["core_metric"],
+        "step": trained["step"],
+        "mfu": trained["mfu"],
+        "tok_per_sec": trained["tok_per_sec"],
         "plan": cfg.plan.as_dict(),
         "train_shards": shards["metrics"]["train_shards"],
         "vocab_size": tokenizer["metrics"]["vocab_size"],

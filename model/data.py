@@ -2,16 +2,21 @@
 
 A shard is a parquet file named ``shard_XXXXX.parquet`` holding one string column, ``text``,
 one document per row, in row groups of (nominally) 1024 documents (spec 02 §1-§2). This module
-names shards, checks that a file really is a readable shard, and iterates over their documents
-(spec 02 §4). It deliberately has no torch or Prefect dependency so that the downloader and the
-tokenizer stage can use it; the packing loader for pretraining builds on these iterators.
+names shards, checks that a file really is a readable shard, iterates over their documents
+(spec 02 §4) and finds a run's train/val shard files. The packing loader over them is
+model/dataloader.py.
+
+Torch-free on purpose: the downloader and the tokenizer stage run in the orchestrating process,
+which should not pay for importing torch.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -126,3 +131,45 @@ def iter_documents(paths: Iterable[str | os.PathLike[str]]) -> Iterator[str]:
     """Yield every document of every file, in file order then row order."""
     for texts in iter_row_group_texts(paths):
         yield from texts
+
+
+def row_group_sizes(path: str | os.PathLike[str]) -> list[int]:
+    """Number of documents in each row group of a shard, from the parquet footer alone."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"shard {path} not found (run the shards stage / check the shards artifact)")
+    with pq.ParquetFile(path) as parquet:
+        metadata = parquet.metadata
+        return [metadata.row_group(rg).num_rows for rg in range(metadata.num_row_groups)]
+
+
+def read_row_group_texts(path: str | os.PathLike[str], row_group: int) -> list[str]:
+    """The documents of one row group of a shard."""
+    with pq.ParquetFile(os.fspath(path)) as parquet:
+        table = parquet.read_row_group(row_group, columns=[TEXT_COLUMN])
+    return table.column(TEXT_COLUMN).to_pylist()
+
+
+# --- the pretraining loader (spec 02 §5) ------------------------------------------------------
+
+
+SHARD_INDEX_FILE = "shards.json"
+
+
+def read_shard_paths(data_dir: str | os.PathLike[str]) -> tuple[list[Path], Path]:
+    """(train shard paths in order, val shard path) of a shards artifact or of a plain shard directory.
+
+    A shards artifact lists them in ``shards.json`` (paths relative to the artifact). In a plain
+    directory of ``shard_*.parquet`` files every file but the last is train and the last is val.
+    """
+    directory = Path(data_dir)
+    index_file = directory / SHARD_INDEX_FILE
+    if index_file.is_file():
+        index = json.loads(index_file.read_text())
+        return [(directory / p).resolve() for p in index["train"]], (directory / index["val"]).resolve()
+    files = sorted(p for p in directory.glob("shard_*.parquet") if p.is_file())
+    if len(files) < 2:
+        raise FileNotFoundError(
+            f"{directory} holds neither {SHARD_INDEX_FILE} nor at least two shard_*.parquet files (train + val); "
+            "fix: run the shards stage (python -m flows.speedrun ...) or point --data-dir at a shards artifact")
+    return files[:-1], files[-1]

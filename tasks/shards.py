@@ -2,15 +2,13 @@
 
 Shards are content-addressed one by one under `<store>/shards/<source-hash>/`, so every run that reads
 the same source shares them (a d26 run reuses what a d24 run fetched). The stage artifact itself is
-small: `shards.json`, the ordered train and val file lists (paths relative to the artifact), and a
-manifest whose refs pin each shard's size and sha256.
+small: `shards.json`, the ordered train and val file lists (paths relative to the artifact; read by
+model.data.read_shard_paths), and a manifest whose refs pin each shard's size and sha256.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from prefect.logging import get_run_logger
@@ -18,10 +16,10 @@ from prefect.logging import get_run_logger
 from tasks.cache import StageOutput, run_stage, stage_task
 from tasks.config import SpeedrunConfig
 from tasks.download import fetch_shards
+from model.data import SHARD_INDEX_FILE
 from tasks.store import StageDef, Store, atomic_write_json
 
 SHARDS = StageDef("shards", version=1, code=("tasks/shards.py", "tasks/download.py", "model/data.py"))
-INDEX_FILE = "shards.json"
 
 
 def shards_section(cfg: SpeedrunConfig) -> dict:
@@ -45,7 +43,7 @@ def shards_stage(section: dict, upstream: dict, store: str, options: dict, rebui
                     f"from {section['source']} into {shard_dir}")
         records = fetch_shards(section["source"], wanted, shard_dir, log=logger.info, **options)
         rel = {i: os.path.relpath(records[i].path, art) for i in wanted}
-        atomic_write_json(art / INDEX_FILE, {
+        atomic_write_json(art / SHARD_INDEX_FILE, {
             "source": section["source"],
             "train": [rel[i] for i in section["train"]],
             "val": rel[section["val"]],
@@ -58,16 +56,3 @@ def shards_stage(section: dict, upstream: dict, store: str, options: dict, rebui
         )
 
     return run_stage(SHARDS, section, upstream, store, rebuild, build)
-
-
-@dataclass(frozen=True)
-class ShardIndex:
-    train: list[Path]
-    val: Path
-
-
-def read_shard_index(artifact: str | Path) -> ShardIndex:
-    """The ordered train shard paths and the val shard path of a shards artifact."""
-    art = Path(artifact)
-    index = json.loads((art / INDEX_FILE).read_text())
-    return ShardIndex(train=[(art / p).resolve() for p in index["train"]], val=(art / index["val"]).resolve())

@@ -14,11 +14,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from prefect.logging import get_run_logger
 
-from model.data import iter_documents
+from model.data import iter_documents, read_shard_paths
 from model.tokenizer import EVAL_TEXTS, evaluate_tokenizer, format_evaluation, train_tokenizer, training_texts
 from tasks.cache import StageOutput, run_stage, stage_task
 from tasks.config import SpeedrunConfig
-from tasks.shards import read_shard_index
 from tasks.store import StageDef, atomic_write_json
 
 TOKENIZER = StageDef("tokenizer", version=1, code=("tasks/tokenizer.py", "model/tokenizer.py", "model/data.py"))
@@ -39,7 +38,7 @@ def tokenizer_stage(section: dict, upstream: dict, store: str, options: dict | N
     logger = get_run_logger()
 
     def build(art: Path, work: Path) -> StageOutput:
-        shards = read_shard_index(upstream["shards"]["path"])
+        train_paths, val_path = read_shard_paths(upstream["shards"]["path"])
         chars, next_report = 0, section["max_chars"] // 10
 
         def counted(texts):  # progress every 10% of max_chars: at 2B characters training takes minutes
@@ -53,7 +52,7 @@ def tokenizer_stage(section: dict, upstream: dict, store: str, options: dict | N
                 yield text
 
         t0 = time.time()
-        texts = counted(training_texts(iter_documents(shards.train), section["max_chars"], section["doc_cap"]))
+        texts = counted(training_texts(iter_documents(train_paths), section["max_chars"], section["doc_cap"]))
         tokenizer = train_tokenizer(texts, section["vocab_size"])
         train_seconds = time.time() - t0
         if tokenizer.get_vocab_size() != section["vocab_size"]:
@@ -64,8 +63,8 @@ def tokenizer_stage(section: dict, upstream: dict, store: str, options: dict | N
         logger.info(f"trained a {section['vocab_size']}-token BPE on {chars:,} characters in {train_seconds:.1f}s")
         tokenizer.save(art)
 
-        samples = {**EVAL_TEXTS, "train": first_row_group_text(shards.train[0]),
-                   "val": first_row_group_text(shards.val)}
+        samples = {**EVAL_TEXTS, "train": first_row_group_text(train_paths[0]),
+                   "val": first_row_group_text(val_path)}
         evaluation = evaluate_tokenizer(tokenizer, samples)
         atomic_write_json(art / "tok_eval.json", evaluation)
         logger.info("tokenizer evaluation:\n" + format_evaluation(evaluation))

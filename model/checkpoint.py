@@ -1,0 +1,120 @@
+"""Training checkpoints: save, find the last complete one, and load model/optimizer/loader/RNG state.
+
+One checkpoint at step S in a directory holds (names as the reference, spec/05 §7, plus what an exact
+resume needs):
+
+    model_S.pt            rank 0: the uncompiled model's state_dict
+    meta_S.json           rank 0: step, model_config, user_config, batch sizes, loop state, world size
+    optim_S_rankR.pt      every rank: its optimizer state (sharded; resuming needs the same world size)
+    loader_S_rankR.pt     every rank: its data loader state, the batch it had prefetched, its RNG states
+    complete_S            rank 0, written LAST after every rank has written: the marker
+
+A checkpoint without its marker is ignored (a run killed mid-save resumes from the previous one).
+Every file is written to a temp name and renamed, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import uuid
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+MARKER = "complete_{step:06d}"
+_MARKER_RE = re.compile(r"^complete_(\d{6})$")
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(directory: Path, step: int, *, rank: int, model_state: dict | None, meta: dict | None,
+                    optimizer_state: dict, loader_state: dict) -> None:
+    """Every rank calls this; rank 0 passes model_state and meta. Rank 0 writes the marker last."""
+    directory.mkdir(parents=True, exist_ok=True)
+    _atomic_torch_save(optimizer_state, directory / f"optim_{step:06d}_rank{rank}.pt")
+    _atomic_torch_save(loader_state, directory / f"loader_{step:06d}_rank{rank}.pt")
+    if rank == 0:
+        _atomic_torch_save(model_state, directory / f"model_{step:06d}.pt")
+        _atomic_write_text(directory / f"meta_{step:06d}.json", json.dumps(meta, indent=2))
+    _barrier()  # the marker may only appear once every rank's files are in place
+    if rank == 0:
+        _atomic_write_text(directory / MARKER.format(step=step), "")
+    _barrier()
+
+
+def complete_steps(directory: Path) -> list[int]:
+    if not directory.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in directory.iterdir() if (m := _MARKER_RE.match(p.name)))
+
+
+def last_complete_step(directory: Path) -> int | None:
+    steps = complete_steps(directory)
+    return steps[-1] if steps else None
+
+
+def read_meta(directory: Path, step: int) -> dict:
+    return json.loads((directory / f"meta_{step:06d}.json").read_text())
+
+
+def load_model_state(directory: Path, step: int, device) -> dict:
+    """The model state_dict, '_orig_mod.' prefixes stripped, bf16 upcast to fp32 off CUDA (spec/05 §7)."""
+    state = torch.load(directory / f"model_{step:06d}.pt", map_location=device, weights_only=True)
+    state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
+    if torch.device(device).type != "cuda":
+        state = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in state.items()}
+    return state
+
+
+def load_rank_state(directory: Path, step: int, rank: int, device) -> tuple[dict, dict]:
+    """(optimizer state, loader state) of one rank."""
+    optim = torch.load(directory / f"optim_{step:06d}_rank{rank}.pt", map_location=device, weights_only=True)
+    loader = torch.load(directory / f"loader_{step:06d}_rank{rank}.pt", map_location="cpu", weights_only=True)
+    return optim, loader
+
+
+def prune_checkpoints(directory: Path, keep_steps: set[int]) -> None:
+    """Delete the files of every complete checkpoint not in keep_steps (marker first, so none looks complete)."""
+    for step in complete_steps(directory):
+        if step in keep_steps:
+            continue
+        (directory / MARKER.format(step=step)).unlink(missing_ok=True)
+        for p in directory.glob(f"*_{step:06d}*"):
+            p.unlink(missing_ok=True)

@@ -1,0 +1,392 @@
+"""Base pretraining: the torchrun entry point (the reference's scripts/base_train.py, spec/05).
+
+    torchrun --standalone --nproc_per_node=8 -m model.train --depth=24 --target-param-data-ratio=8 \
+        --device-batch-size=16 --fp8 --out-dir=runs/d24 --data-dir=<shards artifact> --tokenizer-dir=<tokenizer artifact>
+
+Every reference option with the same default, plus --out-dir/--data-dir/--tokenizer-dir and --resume auto.
+Writes to --out-dir: checkpoints/ (every --save-every steps and the last step, each completed by a marker),
+metrics.jsonl (one object per logged step or eval, rank 0), summary.json (the leaderboard keys). A run
+restarted with --resume auto continues from the last complete checkpoint: model, optimizer, loader
+position, RNG, step and accumulated total_training_time; on CPU it ends bitwise where an uninterrupted
+run ends. Prefect never appears here: a researcher runs this alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+
+os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")  # before torch initialises CUDA
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from model import checkpoint as ckpt  # noqa: E402
+from model.common import COMPUTE_DTYPE, autodetect_device_type, get_peak_flops  # noqa: E402
+from model.data import read_shard_paths  # noqa: E402
+from model.dataloader import BestFitLoader  # noqa: E402
+from model.gpt import GPT, GPTConfig  # noqa: E402
+from model.loss_eval import evaluate_bpb  # noqa: E402
+from model.optim import get_lr_multiplier, get_muon_momentum, get_weight_decay  # noqa: E402
+from model.sizing import plan_training  # noqa: E402
+from model.tokenizer import Tokenizer, load_token_bytes  # noqa: E402
+
+SAMPLE_PROMPTS = [
+    "The capital of France is",
+    "The chemical symbol of gold is",
+    "If yesterday was Friday, then tomorrow will be",
+    "The opposite of hot is",
+    "The planets of the solar system are:",
+    "My favorite color is",
+    "If 5*x + 3 = 13, then x is",
+]
+TIMING_WARMUP_STEPS = 10  # steps 0..10 (compile warm-up) are left out of total_training_time
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m model.train", description="Pretrain the base GPT (spec/05).")
+    a = p.add_argument
+    a("--run", default="dummy", help="wandb run name ('dummy' disables wandb)")
+    a("--device-type", default="", help="cuda|cpu|mps; empty = autodetect")
+    a("--fp8", action="store_true", help="FP8 training of eligible Linear layers (CUDA only)")
+    a("--fp8-recipe", default="tensorwise", choices=["rowwise", "tensorwise"])
+    a("--depth", type=int, default=20)
+    a("--aspect-ratio", type=int, default=64)
+    a("--head-dim", type=int, default=128)
+    a("--max-seq-len", type=int, default=2048)
+    a("--window-pattern", default="SSSL")
+    a("--num-iterations", type=int, default=-1)
+    a("--target-flops", type=float, default=-1.0)
+    a("--target-param-data-ratio", type=float, default=12.0)
+    a("--device-batch-size", type=int, default=32)
+    a("--total-batch-size", type=int, default=-1)
+    a("--embedding-lr", type=float, default=0.3)
+    a("--unembedding-lr", type=float, default=0.008)
+    a("--weight-decay", type=float, default=0.28)
+    a("--matrix-lr", type=float, default=0.02)
+    a("--scalar-lr", type=float, default=0.5)
+    a("--warmup-steps", type=int, default=40)
+    a("--warmdown-ratio", type=float, default=0.65)
+    a("--final-lr-frac", type=float, default=0.05)
+    a("--resume-from-step", type=int, default=-1)
+    a("--eval-every", type=int, default=250)
+    a("--eval-tokens", type=int, default=80 * 524288)
+    a("--core-metric-every", type=int, default=2000)
+    a("--core-metric-max-per-task", type=int, default=500)
+    a("--sample-every", type=int, default=2000)
+    a("--save-every", type=int, default=-1)
+    a("--model-tag", default=None)
+    # not in the reference: where things are, and how to run
+    a("--out-dir", required=True, help="checkpoints/, metrics.jsonl, summary.json go here")
+    a("--data-dir", required=True, help="a shards artifact (shards.json) or a directory of shard_*.parquet (last = val)")
+    a("--tokenizer-dir", required=True, help="a tokenizer artifact (tokenizer.tiktoken, tokenizer.json, token_bytes.pt)")
+    a("--resume", default="auto", choices=["auto", "none"], help="auto: continue from the last complete checkpoint")
+    a("--data-streams", type=int, default=-1, help="data streams the batch is split into; -1 = world size")
+    a("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile (auto: on CUDA only)")
+    a("--keep-checkpoints", type=int, default=2, help="complete checkpoints kept on disk (older ones are pruned)")
+    a("--wandb-mode", default=os.environ.get("WANDB_MODE", "offline"), choices=["offline", "online", "disabled"])
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# process set-up
+
+def compute_init(device_type: str) -> tuple[bool, int, int, int, torch.device]:
+    """Seed, precision and (under torchrun) the process group: nccl on CUDA, gloo on CPU."""
+    assert device_type in ("cuda", "cpu", "mps"), f"unknown device type {device_type!r}"
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device-type=cuda but CUDA is not available")
+    torch.manual_seed(42)
+    if device_type == "cuda":
+        torch.cuda.manual_seed(42)
+        torch.set_float32_matmul_precision("high")
+    distributed = all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if not distributed:
+        return False, 0, 0, 1, torch.device(device_type)
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if device_type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device(device_type)
+        dist.init_process_group("gloo")
+    dist.barrier()
+    return True, rank, local_rank, world, device
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class MetricsLog:
+    """metrics.jsonl on rank 0 (one JSON object per line) plus wandb when enabled."""
+
+    def __init__(self, path: Path, enabled: bool, wandb_run, keep_before_step: int):
+        self.path, self.enabled, self.wandb = path, enabled, wandb_run
+        if enabled and path.exists():  # a resumed run: drop what was logged after the checkpoint
+            kept = [l for l in path.read_text().splitlines() if l and json.loads(l).get("step", 0) < keep_before_step]
+            path.write_text("".join(l + "\n" for l in kept))
+
+    def log(self, record: dict, wandb_too: bool = True) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None and wandb_too:
+            self.wandb.log(record, step=record["step"])
+
+
+def start_wandb(args, user_config: dict, out_dir: Path):
+    if args.run == "dummy" or args.wandb_mode == "disabled":
+        return None
+    import wandb
+
+    return wandb.init(project="speedrun", name=args.run, config=user_config, mode=args.wandb_mode,
+                      dir=str(out_dir), resume="allow",
+                      id=f"{args.run}-{hashlib.sha256(str(out_dir.resolve()).encode()).hexdigest()[:8]}")
+
+
+# ---------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    user_config = dict(vars(args))
+    device_type = args.device_type or autodetect_device_type()
+    distributed, rank, local_rank, world, device = compute_init(device_type)
+    master = rank == 0
+    say = print if master else (lambda *a, **k: None)
+    out_dir = Path(args.out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    peak_flops = get_peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else float("inf")
+
+    tokenizer = Tokenizer.load(args.tokenizer_dir)
+    token_bytes = load_token_bytes(args.tokenizer_dir, device=device)
+    train_paths, val_path = read_shard_paths(args.data_dir)
+    vocab_size = tokenizer.get_vocab_size()
+
+    plan = plan_training(
+        depth=args.depth, aspect_ratio=args.aspect_ratio, head_dim=args.head_dim, max_seq_len=args.max_seq_len,
+        window_pattern=args.window_pattern, vocab_size=vocab_size, device_batch_size=args.device_batch_size,
+        total_batch_size=args.total_batch_size, world_size=world, num_iterations=args.num_iterations,
+        target_flops=args.target_flops, target_param_data_ratio=args.target_param_data_ratio,
+        weight_decay=args.weight_decay, warmdown_ratio=args.warmdown_ratio)
+    num_iterations, total_batch_size, grad_accum_steps = plan.num_iterations, plan.total_batch_size, plan.grad_accum_steps
+
+    config = GPTConfig(sequence_len=args.max_seq_len, vocab_size=vocab_size, n_layer=args.depth,
+                       n_head=plan.n_head, n_kv_head=plan.n_head, n_embd=plan.model_dim,
+                       window_pattern=args.window_pattern.upper())
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()
+
+    # --- resume: which checkpoint, if any
+    resume_step = None
+    if args.resume_from_step >= 0:
+        resume_step = args.resume_from_step
+    elif args.resume == "auto":
+        resume_step = ckpt.last_complete_step(ckpt_dir)
+    meta = None
+    if resume_step is not None:
+        meta = ckpt.read_meta(ckpt_dir, resume_step)
+        if meta["world_size"] != world:
+            raise SystemExit(f"checkpoint {resume_step} was written by {meta['world_size']} ranks, this run has {world}: "
+                             "optimizer state is sharded per rank; resume with the same --nproc_per_node")
+        model.load_state_dict(ckpt.load_model_state(ckpt_dir, resume_step, device), strict=True, assign=True)
+        say(f"resuming from step {resume_step} ({ckpt_dir})")
+
+    if args.fp8_recipe != "tensorwise":
+        raise SystemExit("--fp8-recipe rowwise is not implemented; use tensorwise")
+    fp8_enabled = args.fp8 and device.type == "cuda"
+    if args.fp8 and not fp8_enabled:
+        say("warning: --fp8 needs CUDA; training in plain precision")
+    if fp8_enabled:
+        from kernels.fp8 import convert_to_float8_training
+
+        converted = convert_to_float8_training(model)
+        say(f"FP8: converted {converted} linear layers")
+    orig_model = model
+    use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    if use_compile:
+        model = torch.compile(model, dynamic=False)
+
+    counts = orig_model.num_scaling_params()
+    for key, value in counts.items():
+        say(f"{key:24s}: {value:,}")
+    flops_per_token = orig_model.estimate_flops()
+    say(f"Estimated FLOPs per token: {flops_per_token:e}")
+    say(f"Calculated number of iterations from target: {num_iterations:,}")
+    say(f"Total batch size {total_batch_size:,} => gradient accumulation steps: {grad_accum_steps}")
+    say(f"Total training tokens: {plan.total_tokens:,} (tokens:params {plan.tokens_per_param:.2f}), "
+        f"total FLOPs {flops_per_token * plan.total_tokens:e}")
+
+    lr_scale = plan.batch_lr_scale
+    optimizer = orig_model.setup_optimizer(
+        unembedding_lr=args.unembedding_lr * lr_scale, embedding_lr=args.embedding_lr * lr_scale,
+        matrix_lr=args.matrix_lr * lr_scale, weight_decay=plan.weight_decay_scaled, scalar_lr=args.scalar_lr * lr_scale)
+
+    num_streams = args.data_streams if args.data_streams > 0 else world
+    if num_streams % world:
+        raise SystemExit(f"--data-streams={num_streams} must be a multiple of the world size {world}")
+    if grad_accum_steps * world % num_streams:
+        raise SystemExit(f"--data-streams={num_streams} must divide the micro-batches per step ({grad_accum_steps * world})")
+    loader_state, first_batch = None, None
+    if resume_step is not None:
+        optim_state, rank_state = ckpt.load_rank_state(ckpt_dir, resume_step, rank, device)
+        optimizer.load_state_dict(optim_state)
+        loader_state, first_batch = rank_state["loader"], rank_state["batch"]
+        ckpt.set_rng_state(rank_state["rng"])
+    train_loader = BestFitLoader(tokenizer, train_paths, args.device_batch_size, args.max_seq_len,
+                                 streams=list(range(rank, num_streams, world)), num_streams=num_streams,
+                                 device=device, state=loader_state)
+    x, y = (first_batch[0].to(device), first_batch[1].to(device)) if first_batch is not None else next(train_loader)
+
+    def fresh_val_batches():  # a new loader per evaluation: every eval sees the same batches (spec/02 §5.4)
+        return BestFitLoader(tokenizer, [val_path], args.device_batch_size, args.max_seq_len,
+                             streams=list(range(rank, num_streams, world)), num_streams=num_streams, device=device)
+
+    eval_steps = max(1, args.eval_tokens // (args.device_batch_size * args.max_seq_len * world))
+    loop = (meta or {}).get("loop_state", {})
+    step = resume_step or 0
+    min_val_bpb = loop.get("min_val_bpb", float("inf"))
+    smooth_train_loss = loop.get("smooth_train_loss", 0.0)
+    total_training_time = loop.get("total_training_time", 0.0)
+    timed_steps = loop.get("timed_steps", 0)
+    val_bpb = (meta or {}).get("val_bpb")
+    wandb_run = start_wandb(args, user_config, out_dir) if master else None
+    metrics = MetricsLog(out_dir / "metrics.jsonl", master, wandb_run, keep_before_step=step)
+    if fp8_enabled:
+        from kernels.fp8 import disable_fp8
+    else:
+        disable_fp8 = lambda m: nullcontext()  # noqa: E731
+    if args.core_metric_every > 0:
+        say("note: CORE during training needs model/core_eval.py (the base_eval issue); skipped in this build")
+    first_step_of_run = step
+
+    while True:
+        last_step = step == num_iterations
+        flops_so_far = flops_per_token * total_batch_size * step
+
+        if args.eval_every > 0 and (last_step or step % args.eval_every == 0):
+            model.eval()
+            with disable_fp8(orig_model):
+                val_bpb = evaluate_bpb(model, fresh_val_batches(), eval_steps, token_bytes)
+            model.train()
+            min_val_bpb = min(min_val_bpb, val_bpb)
+            say(f"Step {step:05d} | Validation bpb: {val_bpb:.6f}")
+            metrics.log({"step": step, "total_training_flops": flops_so_far,
+                         "total_training_time": total_training_time, "val/bpb": val_bpb})
+
+        if args.sample_every > 0 and master and (last_step or (step > 0 and step % args.sample_every == 0)):
+            orig_model.eval()
+            with disable_fp8(orig_model):
+                for prompt in SAMPLE_PROMPTS:
+                    ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
+                    out = list(orig_model.generate(ids, max_tokens=16, temperature=0))
+                    say(f"sample | {prompt}{tokenizer.decode(out)}")
+            orig_model.train()
+
+        if last_step or (step > 0 and step != resume_step and args.save_every > 0 and step % args.save_every == 0):
+            ckpt.save_checkpoint(
+                ckpt_dir, step, rank=rank,
+                model_state=orig_model.state_dict() if master else None,
+                meta={"step": step, "val_bpb": val_bpb, "model_config": asdict(config), "user_config": user_config,
+                      "device_batch_size": args.device_batch_size, "max_seq_len": args.max_seq_len,
+                      "total_batch_size": total_batch_size, "world_size": world, "num_iterations": num_iterations,
+                      "loop_state": {"min_val_bpb": min_val_bpb, "smooth_train_loss": smooth_train_loss,
+                                     "total_training_time": total_training_time, "timed_steps": timed_steps}},
+                optimizer_state=optimizer.state_dict(),
+                loader_state={"loader": train_loader.state_dict(), "batch": (x.cpu(), y.cpu()), "rng": ckpt.rng_state()})
+            if master and args.keep_checkpoints > 0:
+                ckpt.prune_checkpoints(ckpt_dir, set(ckpt.complete_steps(ckpt_dir)[-args.keep_checkpoints:]))
+        if last_step:
+            break
+
+        synchronize(device)
+        t0 = time.time()
+        for _ in range(grad_accum_steps):
+            loss = model(x, y)
+            train_loss = loss.detach()
+            (loss / grad_accum_steps).backward()
+            x, y = next(train_loader)
+        lrm = get_lr_multiplier(step, num_iterations, args.warmup_steps, args.warmdown_ratio, args.final_lr_frac)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+            if group["kind"] == "muon":
+                group["momentum"] = get_muon_momentum(step, num_iterations, args.warmdown_ratio)
+                group["weight_decay"] = get_weight_decay(step, num_iterations, plan.weight_decay_scaled)
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        train_loss_f = train_loss.item()
+        synchronize(device)
+        dt = time.time() - t0
+
+        smooth_train_loss = 0.9 * smooth_train_loss + 0.1 * train_loss_f
+        debiased = smooth_train_loss / (1 - 0.9 ** (step + 1))
+        if step > TIMING_WARMUP_STEPS:
+            total_training_time += dt
+            timed_steps += 1
+        tok_per_sec = int(total_batch_size / dt)
+        mfu = 100 * flops_per_token * total_batch_size / dt / (peak_flops * world)
+        eta = (num_iterations - step) * total_training_time / timed_steps if timed_steps else float("nan")
+        say(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) | loss: {debiased:.6f} | "
+            f"lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,} | bf16_mfu: {mfu:.2f} | "
+            f"total time: {total_training_time / 60:.2f}m | eta: {eta / 60:.1f}m")
+        metrics.log({"step": step, "total_training_flops": flops_so_far, "total_training_time": total_training_time,
+                     "train/loss": debiased, "train/raw_loss": train_loss_f, "train/lrm": lrm, "train/dt": dt,
+                     "train/tok_per_sec": tok_per_sec, "train/mfu": mfu}, wandb_too=step % 100 == 0)
+        step += 1
+        if step == first_step_of_run + 1:  # after the first step: freeze what is alive, avoid ~500 ms GC pauses
+            gc.collect()
+            gc.freeze()
+            gc.disable()
+        elif step % 5000 == 0:
+            gc.collect()
+
+    # --- summary (leaderboard keys)
+    if timed_steps:
+        tok_per_sec = total_batch_size * timed_steps / total_training_time
+    mean_mfu = 100 * flops_per_token * tok_per_sec / (peak_flops * world) if timed_steps else 0.0
+    summary = {
+        "total_training_time": total_training_time,
+        "total_training_flops": flops_per_token * total_batch_size * num_iterations,
+        "min_val_bpb": None if math.isinf(min_val_bpb) else min_val_bpb,
+        "val_bpb": val_bpb,
+        "core_metric": None,
+        "step": num_iterations,
+        "mfu": mean_mfu if math.isfinite(mean_mfu) else 0.0,
+        "tok_per_sec": tok_per_sec if timed_steps else None,
+        "final_train_loss": smooth_train_loss / (1 - 0.9 ** max(num_iterations, 1)),
+        "timed_steps": timed_steps,
+        "depth": args.depth, "model_dim": plan.model_dim, "num_params": counts["total"],
+        "num_scaling_params": plan.scaling_params, "flops_per_token": flops_per_token,
+        "total_batch_size": total_batch_size, "grad_accum_steps": grad_accum_steps, "world_size": world,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        "compute_dtype": str(COMPUTE_DTYPE).removeprefix("torch."), "fp8": fp8_enabled, "compiled": use_compile,
+        "peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+        "final_step": step,
+    }
+    if master:
+        ckpt._atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
+        say(f"Total training time: {total_training_time / 60:.2f}m | Minimum validation bpb: {summary['min_val_bpb']}")
+        if wandb_run is not None:
+            wandb_run.summary.update({k: v for k, v in summary.items() if v is not None})
+            wandb_run.finish()
+    if distributed:
+        dist.destroy_process_group()
+    return summary
+
+
+if __name__ == "__main__":
+    main()

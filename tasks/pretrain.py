@@ -1,0 +1,96 @@
+"""The pretrain stage: base GPT training under torchrun (model/train.py), resumable across retries.
+
+The artifact's work/ directory holds the run (checkpoints/, metrics.jsonl, log.txt). A retry of a failed
+or killed run gets the same key, finds work/ and continues from the last complete checkpoint
+(`--resume auto`). When training finishes, the final checkpoint (model, meta, per-rank optimizer state),
+metrics.jsonl, summary.json and the log move into the artifact, and the summary's leaderboard keys
+become the stage's metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from prefect.logging import get_run_logger
+
+from tasks.cache import StageOutput, run_stage, stage_task
+from tasks.config import SpeedrunConfig
+from tasks.launch import run_torchrun
+from tasks.store import StageDef
+
+# What the run executes: editing any of these re-trains; editing SFT or eval code does not.
+PRETRAIN = StageDef("pretrain", version=1, code=(
+    "tasks/pretrain.py", "tasks/launch.py", "kernels/*.py",
+    "model/train.py", "model/gpt.py", "model/optim.py", "model/data.py", "model/dataloader.py", "model/tokenizer.py",
+    "model/loss_eval.py", "model/checkpoint.py", "model/common.py", "model/sizing.py",
+))
+# Options that change how a run is launched or logged, not what it computes.
+NOT_IN_KEY = {"run"}
+
+
+def pretrain_section(cfg: SpeedrunConfig) -> dict:
+    section = {k: v for k, v in cfg.pretrain.model_dump().items() if k not in NOT_IN_KEY}
+    section["device_type"] = cfg.pretrain.device_type or cfg.runtime.device_type or "auto"
+    section["world_size"] = cfg.runtime.world_size  # optimizer state is per rank; numerics depend on it
+    return section
+
+
+def pretrain_options(cfg: SpeedrunConfig) -> dict:
+    rt = cfg.runtime
+    return {"nproc_per_node": rt.nproc_per_node, "nnodes": rt.nnodes, "node_rank": rt.node_rank,
+            "rdzv_endpoint": rt.rdzv_endpoint, "omp_num_threads": rt.omp_num_threads, "wandb_mode": rt.wandb_mode,
+            "run": cfg.pretrain.run if cfg.pretrain.run != "dummy" else f"{cfg.preset}-pretrain"}
+
+
+def train_arguments(section: dict) -> list[str]:
+    """The config section as model.train flags (kebab-case, same names as the reference)."""
+    args = []
+    for name, value in section.items():
+        if name == "world_size" or value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if name == "device_type":
+            if value != "auto":
+                args.append(f"{flag}={value}")
+        elif isinstance(value, bool):
+            if value:
+                args.append(flag)
+        else:
+            args.append(f"{flag}={value}")
+    return args
+
+
+@stage_task(PRETRAIN)
+def pretrain_stage(section: dict, upstream: dict, store: str, options: dict, rebuild: bool = False) -> dict:
+    logger = get_run_logger()
+
+    def build(art: Path, work: Path) -> StageOutput:
+        run_dir = work / "run"
+        args = train_arguments(section) + [
+            f"--out-dir={run_dir}", f"--data-dir={upstream['shards']['path']}",
+            f"--tokenizer-dir={upstream['tokenizer']['path']}", "--resume=auto",
+            f"--run={options['run']}", f"--wandb-mode={options['wandb_mode']}",
+        ]
+        run_torchrun("model.train", args, log_path=work / "log.txt", log=logger.info,
+                     nproc_per_node=options["nproc_per_node"], nnodes=options["nnodes"],
+                     node_rank=options["node_rank"], rdzv_endpoint=options["rdzv_endpoint"],
+                     omp_num_threads=options["omp_num_threads"])
+        summary = json.loads((run_dir / "summary.json").read_text())
+        final = summary["step"]
+        checkpoint = art / "checkpoint"
+        checkpoint.mkdir(exist_ok=True)
+        # Move (not copy: at d24 a checkpoint is ~10 GB) the final checkpoint out of work/, marker first so
+        # work/ never holds a "complete" checkpoint with missing files.
+        (run_dir / "checkpoints" / f"complete_{final:06d}").unlink(missing_ok=True)
+        for src in (run_dir / "checkpoints").glob(f"*_{final:06d}*"):
+            if not src.name.startswith("."):
+                src.replace(checkpoint / src.name)
+        for name in ("summary.json", "metrics.jsonl"):
+            shutil.copy2(run_dir / name, art / name)
+        shutil.copy2(work / "log.txt", art / "log.txt")
+        return StageOutput(metrics=summary, environment={"world_size": summary["world_size"],
+                                                         "device": summary["device"]})
+
+    return run_stage(PRETRAIN, section, upstream, store, rebuild, build)
