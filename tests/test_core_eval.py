@@ -1,0 +1,373 @@
+"""CORE evaluation (model/core_eval.py, spec/07 §2-§3) on CPU with the real bundle and a tiny trained GPT.
+
+Golden rendering / few-shot / shuffle / span tests pin the reference's exact prompts and scored tokens.
+A depth-2 GPT trained for a few dozen steps on real shard text (so losses are not uniform) checks that the
+batched evaluator decides every item exactly as the one-item-at-a-time reference on all bundle tasks, and
+that two torchrun ranks (gloo) give what one process gives.
+"""
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.core_eval import (BatchedStats, PreparedExample, _score_batch, batched_decision, centered, core_metric,
+                             evaluate_core, evaluate_example_reference, evaluate_task, evaluation_mode, first_argmin,
+                             fewshot_examples, pack_batches, prepare_example, prepare_task_data, render_prompts,
+                             tokenize_example, truncate_to_limit, write_core_csv)
+from model.eval_bundle import load_bundle, load_task_data
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+BUNDLE_DIR = SHARED_DATA / "eval_bundle"
+PRETRAIN_DIR = SHARED_DATA / "pretrain"
+WORKER = REPO_ROOT / "tests" / "core_eval_dist_worker.py"
+
+# The tiny model: trained on 64-token rows; evaluated with prompts cut to 256 tokens through the spec's
+# `max_seq_len` truncation rule, which keeps the whole file well inside its time budget.
+TINY = dict(depth=2, width=128, heads=2, seq_len=64, vocab=512, steps=40, batch=8, eval_context=256)
+MAX_PER_TASK = 32
+DIST_TASKS = ["copa", "winograd", "bigbench_operators", "arc_easy"]
+
+
+# ----------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def shard_paths() -> list[Path]:
+    shards = sorted(PRETRAIN_DIR.glob("shard_*.parquet"))
+    if len(shards) < 2:
+        pytest.skip(f"pretraining shards not found in {PRETRAIN_DIR} (the tests read ../shared/data beside the repo)")
+    return shards
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    if not (BUNDLE_DIR / "core.yaml").is_file():
+        pytest.skip(f"CORE eval bundle not found at {BUNDLE_DIR} (the tests read ../shared/data beside the repo)")
+    return load_bundle(BUNDLE_DIR, allow_missing=True)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(shard_paths):
+    from model.data import iter_documents
+    from model.tokenizer import train_tokenizer, training_texts
+
+    return train_tokenizer(training_texts(iter_documents(shard_paths[:1]), max_chars=1_000_000, doc_cap=10_000),
+                           vocab_size=TINY["vocab"])
+
+
+@pytest.fixture(scope="module")
+def trained_model(tokenizer, shard_paths):
+    from model.dataloader import BestFitLoader
+    from model.gpt import GPTConfig, build_model
+
+    torch.manual_seed(0)
+    config = GPTConfig(sequence_len=TINY["seq_len"], vocab_size=tokenizer.get_vocab_size(), n_layer=TINY["depth"],
+                       n_head=TINY["heads"], n_kv_head=TINY["heads"], n_embd=TINY["width"], window_pattern="SL")
+    model = build_model(config, "cpu")
+    optimizer = model.setup_optimizer()
+    loader = BestFitLoader(tokenizer, shard_paths[:-1], TINY["batch"], TINY["seq_len"], streams=[0], num_streams=1)
+    losses = []
+    for _ in range(TINY["steps"]):
+        x, y = next(loader)
+        loss = model(x, y)
+        loss.backward()
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1.0, losses  # it learned something: losses differ between options
+    model.max_seq_len = TINY["eval_context"]
+    return model
+
+
+def task_by_label(bundle, label):
+    return next(t for t in bundle.tasks if t.label == label)
+
+
+# ---------------------------------------------------------------------------------------- rendering
+
+
+def test_render_multiple_choice_with_two_shots_and_answer_delimiter():
+    fewshot = [{"query": "Which is a fruit?", "choices": ["stone", "apple"], "gold": 1},
+               {"query": "Sky colour?", "choices": ["blue", "green", "red"], "gold": 0}]
+    item = {"query": "Capital of France?", "choices": ["Paris", "Rome"], "gold": 0}
+    assert render_prompts("multiple_choice", item, fewshot, "\nAnswer: ") == [
+        "Which is a fruit?\nAnswer: apple\n\nSky colour?\nAnswer: blue\n\nCapital of France?\nAnswer: Paris",
+        "Which is a fruit?\nAnswer: apple\n\nSky colour?\nAnswer: blue\n\nCapital of France?\nAnswer: Rome",
+    ]
+    assert render_prompts("multiple_choice", item, [], " ") == ["Capital of France? Paris", "Capital of France? Rome"]
+
+
+def test_render_schema():
+    fewshot = [{"context_options": ["The cup fell because it", "The cup held because it"],
+                "continuation": "was slippery.", "gold": 0}]
+    item = {"context_options": ["Ann thanked Bea because Ann", "Ann thanked Bea because Bea"],
+            "continuation": "had helped.", "gold": 1}
+    assert render_prompts("schema", item, fewshot, " ") == [
+        "The cup fell because it was slippery.\n\nAnn thanked Bea because Ann had helped.",
+        "The cup fell because it was slippery.\n\nAnn thanked Bea because Bea had helped.",
+    ]
+
+
+def test_render_language_modeling_trims_contexts_and_strips_the_prompt_without():
+    fewshot = [{"context": "  The sky is \n", "continuation": "blue"}]
+    item = {"context": "Grass is ", "continuation": "green"}
+    # contexts trimmed; the prompt without the continuation loses the delimiter's trailing space
+    assert render_prompts("language_modeling", item, fewshot, " ") == [
+        "The sky is blue\n\nGrass is", "The sky is blue\n\nGrass is green"]
+    assert render_prompts("language_modeling", item, fewshot, "\nAnswer: ") == [
+        "The sky is\nAnswer: blue\n\nGrass is\nAnswer:", "The sky is\nAnswer: blue\n\nGrass is\nAnswer: green"]
+    # zero-shot: the whole prompt is stripped, leading whitespace included
+    assert render_prompts("language_modeling", {"context": "\n Hi there ", "continuation": "you"}, [], " ") == [
+        "Hi there", "Hi there you"]
+
+
+def test_render_rejects_unknown_type():
+    with pytest.raises(ValueError, match="unknown task type"):
+        render_prompts("ranking", {}, [], " ")
+
+
+def test_fewshot_examples_follow_random_1234_plus_idx():
+    data = [{"query": f"q{i}", "choices": ["a", "b"], "gold": i % 2} for i in range(12)]
+    for idx in (0, 5, 11):
+        expected = random.Random(1234 + idx).sample([i for i in range(12) if i != idx], 3)
+        assert fewshot_examples(data, idx, 3) == [data[i] for i in expected]  # sampled order, not sorted
+        assert data[idx] not in fewshot_examples(data, idx, 11)
+    big = [{"context": str(i), "continuation": "x"} for i in range(500)]
+    for idx in (0, 1, 250, 498, 499):
+        expected = random.Random(1234 + idx).sample([i for i in range(500) if i != idx], 10)
+        assert fewshot_examples(big, idx, 10) == [big[i] for i in expected]
+    assert fewshot_examples(data, 4, 0) == []
+    with pytest.raises(ValueError, match="raise max_per_task"):
+        fewshot_examples(data[:5], 0, 10)
+
+
+def test_shuffle_with_random_1337_then_cap():
+    data = [{"context": str(i), "continuation": "x"} for i in range(100)]
+    expected = list(data)
+    random.Random(1337).shuffle(expected)
+    assert prepare_task_data(data, 10) == expected[:10]
+    assert prepare_task_data(data, -1) == expected
+    assert prepare_task_data(data, 1000) == expected
+    assert data[:3] == [{"context": "0", "continuation": "x"}, {"context": "1", "continuation": "x"},
+                        {"context": "2", "continuation": "x"}]  # input untouched
+
+
+# ----------------------------------------------------------------------------------- scored spans
+
+
+def test_multiple_choice_span_starts_after_the_common_token_prefix(tokenizer):
+    bos = tokenizer.get_bos_token_id()
+    prompts = render_prompts("multiple_choice", {"query": "The capital of France is", "choices": ["Paris", "London"],
+                                                 "gold": 0}, [], " ")
+    sequences, starts, ends = tokenize_example(tokenizer, "multiple_choice", prompts)
+    # " Paris" / " London" are separate pre-tokenizer chunks, so the shared tokens are BOS + the query's
+    query_tokens = tokenizer.encode("The capital of France is")
+    assert starts == [1 + len(query_tokens)] * 2
+    assert sequences == [[bos] + query_tokens + tokenizer.encode(" Paris"),
+                         [bos] + query_tokens + tokenizer.encode(" London")]
+    assert ends == [len(s) for s in sequences]
+    assert sequences[0][starts[0]] != sequences[1][starts[1]]
+
+
+def test_multiple_choice_shared_leading_choice_tokens_are_not_scored(tokenizer):
+    prompts = ["Pick: the red one", "Pick: the blue one"]
+    sequences, starts, _ = tokenize_example(tokenizer, "multiple_choice", prompts)
+    assert starts[0] == 1 + len(tokenizer.encode("Pick: the"))  # " the" is shared, hence in the prefix
+
+
+def test_schema_span_is_the_common_token_suffix(tokenizer):
+    item = {"context_options": ["Ann thanked Bea because she", "Ann thanked Bea because Ann"],
+            "continuation": "was grateful.", "gold": 0}
+    prompts = render_prompts("schema", item, [], " ")
+    sequences, starts, ends = tokenize_example(tokenizer, "schema", prompts)
+    suffix = len(tokenizer.encode(" was grateful."))
+    assert ends == [len(s) for s in sequences]
+    assert starts == [ends[0] - suffix, ends[1] - suffix]
+    assert sequences[0][starts[0]:] == sequences[1][starts[1]:] == tokenizer.encode(" was grateful.")
+    assert sequences[0][starts[0] - 1] != sequences[1][starts[1] - 1]
+
+
+def test_language_modeling_span_is_the_continuation(tokenizer):
+    bos = tokenizer.get_bos_token_id()
+    without, with_continuation = render_prompts("language_modeling", {"context": "Grass is ", "continuation": "green"},
+                                                [{"context": "The sky is", "continuation": "blue"}], " ")
+    sequences, starts, ends = tokenize_example(tokenizer, "language_modeling", [without, with_continuation])
+    tokens_without = [bos] + tokenizer.encode(without)
+    assert sequences == [[bos] + tokenizer.encode(with_continuation)]
+    assert (starts, ends) == ([len(tokens_without)], [len(sequences[0])])
+    assert sequences[0][:starts[0]] == tokens_without  # an exact prefix
+    # why the strip rule exists: with its trailing space, the prompt would not tokenise to a prefix
+    unstripped = tokenizer.encode("The sky is blue\n\nGrass is ")
+    assert sequences[0][1:1 + len(unstripped)] != unstripped
+    with pytest.raises(ValueError, match="proper prefix"):
+        tokenize_example(tokenizer, "language_modeling", ["Grass is ", "Grass is green"])
+
+
+def test_truncation_keeps_the_last_tokens_and_shifts_spans():
+    sequences, starts, ends = truncate_to_limit([list(range(10)), list(range(6))], [7, 4], [10, 6], limit=8)
+    assert sequences == [list(range(2, 10)), list(range(6))]
+    assert (starts, ends) == ([5, 4], [8, 6])
+    assert truncate_to_limit([[1, 2, 3]], [1], [3], None) == ([[1, 2, 3]], [1], [3])
+    with pytest.raises(ValueError, match="cannot be cut"):
+        truncate_to_limit([list(range(10))], [2], [10], limit=8)
+
+
+# ------------------------------------------------------------------------------- decision helpers
+
+
+def test_first_argmin_matches_the_reference_min_index_rule():
+    for values in ([1.0, 0.5, 0.5], [2.0, 1.0], [float("nan"), 1.0], [1.0, float("nan"), 0.5], [3.0, 3.0]):
+        assert first_argmin(values) == values.index(min(values))
+
+
+def _mc(gold, starts=(1, 1), ends=(3, 3)):
+    return PreparedExample(0, "multiple_choice", [[0] * e for e in ends], list(starts), list(ends), gold)
+
+
+def test_batched_decision_defers_near_ties_to_the_reference():
+    tol = 1e-3
+    assert batched_decision(_mc(0), [1.0, 1.5], tol) is True
+    assert batched_decision(_mc(1), [1.0, 1.5], tol) is False
+    assert batched_decision(_mc(0), [1.0, 1.0 + 1e-5], tol) is None  # near-tie: the reference decides
+    assert batched_decision(_mc(0), [1.0, 1.0], tol) is None
+    three = PreparedExample(0, "multiple_choice", [[0] * 3] * 3, [1] * 3, [3] * 3, 2)
+    assert batched_decision(three, [1.0, 1.0 + 1e-5, 2.0], tol) is False  # gold clearly loses to a near-tie
+    nan = float("nan")
+    assert batched_decision(_mc(0, starts=(3, 1)), [nan, 0.1], tol) is True  # empty span first: always picked
+    assert batched_decision(_mc(1, starts=(1, 3)), [0.5, nan], tol) is False  # empty span elsewhere: never
+    assert batched_decision(_mc(0), [nan, 0.1], tol) is None  # non-finite loss on a real span
+    lm = PreparedExample(0, "language_modeling", [[0, 1, 2]], [1], [3], None)
+    assert batched_decision(lm, [0.5], tol) is True
+    assert batched_decision(lm, [-0.5], tol) is False
+    assert batched_decision(lm, [0.0], tol) is None  # exact logit tie: argmax's first-index rule decides
+
+
+def test_pack_batches_respects_the_token_budget():
+    lengths = [5, 40, 12, 12, 300, 7, 40, 1]
+    batches = pack_batches(lengths, token_budget=100)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    order = [i for b in batches for i in b]
+    assert [lengths[i] for i in order] == sorted(lengths, reverse=True)
+    for batch in batches:
+        longest = max(lengths[i] for i in batch)
+        assert len(batch) * longest <= 100 or len(batch) == 1
+    assert batches[0] == [4]  # longer than the budget: alone
+
+
+def test_centering_and_core_arithmetic():
+    assert centered(0.5, 25) == pytest.approx(1 / 3)
+    assert centered(0.25, 25) == pytest.approx(0.0)
+    assert centered(1.0, 9.1) == pytest.approx(1.0)
+    assert centered(0.5, 9.1) == pytest.approx(0.409 / 0.909)
+    assert centered(0.1, 50) == pytest.approx(-0.8)
+    assert core_metric({"a": 1 / 3, "b": 0.0, "c": 0.5}) == pytest.approx(5 / 18)
+    with pytest.raises(ValueError):
+        core_metric({})
+
+
+def test_write_core_csv_layout(tmp_path):
+    result = {"results": {"hellaswag": 0.5, "bigbench_language_identification": 0.25},
+              "centered_results": {"hellaswag": 1 / 3, "bigbench_language_identification": centered(0.25, 9.1)},
+              "core_metric": (1 / 3 + centered(0.25, 9.1)) / 2}
+    write_core_csv(tmp_path / "out" / "base_model_000010.csv", result)
+    assert (tmp_path / "out" / "base_model_000010.csv").read_text().splitlines() == [
+        "Task                               , Accuracy  , Centered  ",
+        "hellaswag                          , 0.500000  , 0.333333  ",
+        "bigbench_language_identification   , 0.250000  , 0.174917  ",
+        "CORE                               ,           , 0.254125  ",
+    ]
+
+
+# -------------------------------------------------------------------------- trained model, real bundle
+
+
+def test_batched_decisions_equal_the_reference_on_every_task(trained_model, tokenizer, bundle):
+    assert len(bundle.tasks) >= 21
+    total = BatchedStats()
+    for task in bundle.tasks:
+        data = prepare_task_data(load_task_data(task), MAX_PER_TASK)
+        assert len(data) >= 32, task.label
+        batched = evaluate_task(trained_model, tokenizer, task, data, device="cpu", stats=total, token_budget=4096)
+        reference = evaluate_task(trained_model, tokenizer, task, data, device="cpu", batched=False)
+        assert batched == reference, task.label
+        assert sum(batched) / len(batched) == sum(reference) / len(reference)
+    assert total.forwards < total.examples / 4  # really batched across items
+    assert total.rechecked <= 0.05 * total.examples  # near-ties are the exception
+
+
+def test_every_item_deferred_to_the_reference_gives_the_same_decisions(trained_model, tokenizer, bundle):
+    task = task_by_label(bundle, "arc_easy")
+    data = prepare_task_data(load_task_data(task), MAX_PER_TASK)
+    stats = BatchedStats()
+    deferred = evaluate_task(trained_model, tokenizer, task, data, device="cpu", tie_tolerance=math.inf, stats=stats)
+    assert stats.rechecked == stats.examples == len(data)
+    assert deferred == evaluate_task(trained_model, tokenizer, task, data, device="cpu", batched=False)
+
+
+def test_single_item_reference_api_and_training_mode_restored(trained_model, tokenizer, bundle):
+    task = task_by_label(bundle, "piqa")  # 10-shot, "\nAnswer: " delimiter
+    data = prepare_task_data(load_task_data(task), MAX_PER_TASK)
+    trained_model.train()
+    per_item = [int(evaluate_example_reference(trained_model, tokenizer, task, data, idx, "cpu")) for idx in range(6)]
+    assert trained_model.training  # evaluation switched to eval mode and back
+    assert per_item == evaluate_task(trained_model, tokenizer, task, data, device="cpu", batched=False)[:6]
+
+
+def test_batched_scores_do_not_depend_on_batch_composition_beyond_the_tolerance(trained_model, tokenizer, bundle):
+    """The premise of the near-tie rule: a sequence scored among many others differs from the same
+    sequence scored with its own item alone by far less than the fp32 tolerance (1e-3)."""
+    bos = tokenizer.get_bos_token_id()
+    worst = 0.0
+    for label in ("hellaswag", "winogrande", "squad"):
+        task = task_by_label(bundle, label)
+        data = prepare_task_data(load_task_data(task), 12)
+        examples = [prepare_example(tokenizer, task, data, i, trained_model.max_seq_len) for i in range(len(data))]
+        lm = task.task_type == "language_modeling"
+
+        def scores(group):
+            seqs = [s for ex in group for s in ex.sequences]
+            return _score_batch(trained_model, seqs, [s for ex in group for s in ex.starts],
+                                [e for ex in group for e in ex.ends], [lm] * len(seqs), bos, "cpu")
+
+        with evaluation_mode(trained_model):
+            together = scores(examples)
+            alone = [v for ex in examples for v in scores([ex])]
+        finite = [(a, b) for a, b in zip(together, alone) if not (math.isnan(a) and math.isnan(b))]
+        worst = max([worst] + [abs(a - b) for a, b in finite])
+    assert worst < 1e-4, worst
+
+
+def test_two_ranks_equal_one_rank(trained_model, tokenizer, bundle, tmp_path):
+    model_path = tmp_path / "model.pt"
+    torch.save({"config": trained_model.config.to_dict(), "state": trained_model.state_dict(),
+                "max_seq_len": trained_model.max_seq_len}, model_path)
+    tokenizer.save(tmp_path / "tokenizer")
+    sub_bundle = replace(bundle, tasks=[task_by_label(bundle, label) for label in DIST_TASKS])
+    logs = []
+    single = evaluate_core(trained_model, tokenizer, sub_bundle, max_per_task=MAX_PER_TASK, device="cpu",
+                           log=logs.append)
+    assert len(logs) == len(DIST_TASKS) and all("centered" in line for line in logs)
+    assert set(single) == {"results", "centered_results", "core_metric", "decisions", "core_tasks", "missing_tasks"}
+    assert single["core_tasks"] == f"{len(DIST_TASKS)}/{len(bundle.expected)}"
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
+           str(model_path), str(tmp_path / "tokenizer"), str(BUNDLE_DIR), ",".join(DIST_TASKS), str(MAX_PER_TASK),
+           str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"core_rank{r}.json").read_text()) for r in range(2)]
+    for result in ranks:  # every rank holds the all-reduced result
+        assert result["world_size"] == 2
+        assert result["decisions"] == single["decisions"]
+        assert result["results"] == single["results"]
+        assert result["core_metric"] == single["core_metric"]
