@@ -1,4 +1,4 @@
-"""The speedrun flow: shards -> tokenizer -> ... , each stage a cached Prefect task over the store.
+"""The speedrun flow: shards -> tokenizer -> eval_bundle -> pretrain -> base_eval, each stage a cached Prefect task.
 
 Reads like the shell script it replaces (nanochat's runs/speedrun.sh): fetch data, train the tokenizer,
 and so on. A stage whose inputs, config and code are unchanged comes back `Cached`; `refresh` re-executes
@@ -18,9 +18,11 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
+from tasks.base_eval import base_eval_options, base_eval_section, base_eval_stage
 from tasks.cache import with_store
 from tasks.config import STAGES, ConfigError, SpeedrunConfig, load_config, parse_set
-from tasks.pretrain import pretrain_options, pretrain_section, pretrain_stage
+from tasks.eval_bundle import eval_bundle_section, eval_bundle_stage
+from tasks.pretrain import pretrain_options, pretrain_section, pretrain_stage, pretrain_upstream
 from tasks.shards import shards_options, shards_section, shards_stage
 from tasks.store import Store, atomic_write_json
 from tasks.tokenizer import tokenizer_section, tokenizer_stage
@@ -29,15 +31,16 @@ from tasks.tokenizer import tokenizer_section, tokenizer_stage
 UPSTREAM = {
     "shards": [],
     "tokenizer": ["shards"],
-    "pretrain": ["shards", "tokenizer"],
-    "base_eval": ["pretrain", "tokenizer", "shards"],
+    "eval_bundle": [],
+    "pretrain": ["shards", "tokenizer", "eval_bundle"],  # the bundle only when CORE runs during training
+    "base_eval": ["pretrain", "tokenizer", "shards", "eval_bundle"],
     "sft": ["pretrain", "tokenizer"],
     "chat_eval": ["sft", "tokenizer"],
-    "report": ["shards", "tokenizer", "pretrain", "base_eval", "sft", "chat_eval"],
+    "report": ["shards", "tokenizer", "pretrain", "eval_bundle", "base_eval", "sft", "chat_eval"],
 }
 
 
-def stages_to_refresh(refresh: list[str] | str | None) -> set[str]:
+def stages_to_refresh(refresh: list[str] | str | None, graph: dict[str, list[str]] = UPSTREAM) -> set[str]:
     """The named stages plus everything downstream of them; 'all' means every stage."""
     names = [refresh] if isinstance(refresh, str) else list(refresh or [])
     names = [n.strip() for item in names for n in item.split(",") if n.strip()]
@@ -48,7 +51,7 @@ def stages_to_refresh(refresh: list[str] | str | None) -> set[str]:
         raise ConfigError([f"refresh: unknown stage(s) {unknown}; fix: use 'all' or any of {', '.join(STAGES)}"])
     chosen = set(names)
     while True:
-        more = {s for s, ups in UPSTREAM.items() if chosen & set(ups)} - chosen
+        more = {s for s, ups in graph.items() if chosen & set(ups)} - chosen
         if not more:
             return chosen
         chosen |= more
@@ -57,14 +60,24 @@ def stages_to_refresh(refresh: list[str] | str | None) -> set[str]:
 class StageRunner:
     """Runs stage tasks against one store and records each one's state, key, wall time and artifact."""
 
-    def __init__(self, cfg: SpeedrunConfig, refresh: set[str]):
+    def __init__(self, cfg: SpeedrunConfig, refresh: list[str] | str | None, graph: dict[str, list[str]],
+                 until: str | None = None):
         self.store = Store(cfg.runtime.store)
-        self.refresh = refresh
+        self.graph = graph
+        self.refresh = stages_to_refresh(refresh, graph)
+        self.until = until
         self.stages: dict[str, dict] = {}
         self.artifacts: dict[str, dict] = {}
 
-    def __call__(self, name: str, stage_task, section: dict, options: dict | None = None) -> dict:
-        upstream = {u: self.artifacts[u] for u in UPSTREAM[name] if u in self.artifacts}
+    @property
+    def stopped(self) -> bool:
+        """True once the `until` stage has run: the rest of the pipeline is skipped."""
+        return self.until in self.stages
+
+    def __call__(self, name: str, stage_task, section: dict, options: dict | None = None) -> dict | None:
+        if self.stopped:
+            return None
+        upstream = {u: self.artifacts[u] for u in self.graph[name] if u in self.artifacts}
         t0 = time.time()
         state = with_store(stage_task, self.store, refresh=name in self.refresh)(
             section=section, upstream=upstream, store=str(self.store.root), options=options or {},
@@ -79,9 +92,11 @@ class StageRunner:
 
 @flow(name="speedrun", log_prints=True)
 def speedrun(preset: str = "smoke", overrides: dict | None = None, refresh: list[str] | None = None,
-             mirror: str | None = None, store: str | None = None) -> dict:
+             mirror: str | None = None, store: str | None = None, until: str | None = None) -> dict:
     cfg = load_config(preset, overrides, mirror=mirror, store=store)  # validated before any stage runs
-    run = StageRunner(cfg, stages_to_refresh(refresh))
+    check_until(until)
+    graph = {**UPSTREAM, "pretrain": pretrain_upstream(cfg)}
+    run = StageRunner(cfg, refresh, graph, until)
     logger = get_run_logger()
     logger.info(f"preset {preset}: {cfg.plan.num_iterations} steps at depth {cfg.pretrain.depth}, "
                 f"store {cfg.runtime.store}")
@@ -91,25 +106,29 @@ def speedrun(preset: str = "smoke", overrides: dict | None = None, refresh: list
 
     shards = run("shards", shards_stage, shards_section(cfg), shards_options(cfg))
     tokenizer = run("tokenizer", tokenizer_stage, tokenizer_section(cfg))
+    run("eval_bundle", eval_bundle_stage, eval_bundle_section(cfg))
     pretrain = run("pretrain", pretrain_stage, pretrain_section(cfg), pretrain_options(cfg))
+    base_eval = run("base_eval", base_eval_stage, base_eval_section(cfg), base_eval_options(cfg))
 
-    trained = pretrain["metrics"]
-    summary = {
-        "preset": preset,
-        "store": cfg.runtime.store,
-        "total_training_time": trained["total_training_time"],
-        "total_training_flops": trained["total_training_flops"],
-        "min_val_bpb": trained["min_val_bpb"],
-        "core_metric": trained["core_metric"],
-        "step": trained["step"],
-        "mfu": trained["mfu"],
-        "tok_per_sec": trained["tok_per_sec"],
-        "plan": cfg.plan.as_dict(),
-        "train_shards": shards["metrics"]["train_shards"],
-        "vocab_size": tokenizer["metrics"]["vocab_size"],
-        "bytes_per_token_val": tokenizer["metrics"]["bytes_per_token_val"],
-    }
+    summary = {"preset": preset, "store": cfg.runtime.store, "plan": cfg.plan.as_dict(),
+               "train_shards": shards["metrics"]["train_shards"]}
+    if tokenizer:
+        summary.update(vocab_size=tokenizer["metrics"]["vocab_size"],
+                       bytes_per_token_val=tokenizer["metrics"]["bytes_per_token_val"])
+    if pretrain:  # the leaderboard keys
+        summary.update({k: pretrain["metrics"][k] for k in LEADERBOARD_KEYS})
+    if base_eval:
+        summary.update({k: base_eval["metrics"][k] for k in EVAL_KEYS})
     return {"stages": run.stages, "summary": summary}
+
+
+LEADERBOARD_KEYS = ("total_training_time", "total_training_flops", "min_val_bpb", "step", "mfu", "tok_per_sec")
+EVAL_KEYS = ("core_metric", "core_tasks", "missing_tasks", "train_bpb", "val_bpb")
+
+
+def check_until(until: str | None) -> None:
+    if until is not None and until not in STAGES:
+        raise ConfigError([f"until: unknown stage {until!r}; fix: use one of {', '.join(STAGES)}"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="re-execute this stage and everything downstream (repeatable, or comma list)")
     parser.add_argument("--mirror", help="local directory laid out like shared/data to read every input from")
     parser.add_argument("--store", help="artifact store root (default $SPEEDRUN_HOME or ~/.cache/speedrun)")
+    parser.add_argument("--until", metavar="STAGE", help="stop after this stage (e.g. pretrain)")
     parser.add_argument("--summary-json", type=Path, help="write stage states and the run summary here")
     args = parser.parse_args(argv)
 
@@ -129,12 +149,13 @@ def main(argv: list[str] | None = None) -> int:
         overrides = parse_set(args.sets)
         load_config(args.preset, overrides, mirror=args.mirror, store=args.store)
         stages_to_refresh(args.refresh)
+        check_until(args.until)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
     result = speedrun(preset=args.preset, overrides=overrides, refresh=args.refresh or None,
-                      mirror=args.mirror, store=args.store)
+                      mirror=args.mirror, store=args.store, until=args.until)
     if args.summary_json:
         atomic_write_json(args.summary_json.resolve(), result)
     print(json.dumps(result["stages"], indent=2))

@@ -118,3 +118,31 @@ def prune_checkpoints(directory: Path, keep_steps: set[int]) -> None:
         (directory / MARKER.format(step=step)).unlink(missing_ok=True)
         for p in directory.glob(f"*_{step:06d}*"):
             p.unlink(missing_ok=True)
+
+
+_MODEL_RE = re.compile(r"^model_(\d+)\.pt$")
+
+
+def latest_model_step(directory: Path) -> int:
+    """The highest step among model_NNNNNN.pt files (a finished artifact's checkpoint/ has no markers)."""
+    steps = [int(m.group(1)) for p in Path(directory).glob("model_*.pt") if (m := _MODEL_RE.match(p.name))]
+    if not steps:
+        raise FileNotFoundError(f"no model_NNNNNN.pt in {directory}; fix: point at a pretrain artifact's checkpoint/ "
+                                "directory (or a training run's checkpoints/)")
+    return max(steps)
+
+
+def load_model(directory: Path, device, step: int | None = None, phase: str = "eval"):
+    """(model, meta) rebuilt from a checkpoint: config from meta, weights loaded strictly (spec/05 §7)."""
+    from model.gpt import GPT, GPTConfig
+
+    directory = Path(directory)
+    step = latest_model_step(directory) if step is None else step
+    meta = read_meta(directory, step)
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**meta["model_config"]))
+    model.to_empty(device=device)
+    model.init_weights()  # materialises the rotary buffers, which checkpoints do not hold
+    model.load_state_dict(load_model_state(directory, step, device), strict=True, assign=True)
+    model.train(phase == "train")
+    return model, meta

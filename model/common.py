@@ -5,6 +5,7 @@
 - autodetect_device_type(): cuda, else mps, else cpu.
 - get_peak_flops(device_name): peak dense BF16 FLOP/s of a GPU from its name, for MFU.
 - print0(...): print on global rank 0 only.
+- compute_init(device_type): seed, precision and (under torchrun) the process group; synchronize(device).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 from collections.abc import Mapping
 
 import torch
+import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
@@ -119,3 +121,32 @@ def print0(*args, **kwargs) -> None:
     """print() on global rank 0 only (RANK unset counts as rank 0)."""
     if int(os.environ.get("RANK", "0")) == 0:
         print(*args, **kwargs)
+
+
+def compute_init(device_type: str) -> tuple[bool, int, int, int, torch.device]:
+    """Seed, precision and (under torchrun) the process group: nccl on CUDA, gloo on CPU."""
+    assert device_type in ("cuda", "cpu", "mps"), f"unknown device type {device_type!r}"
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device-type=cuda but CUDA is not available")
+    torch.manual_seed(42)
+    if device_type == "cuda":
+        torch.cuda.manual_seed(42)
+        torch.set_float32_matmul_precision("high")
+    distributed = all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if not distributed:
+        return False, 0, 0, 1, torch.device(device_type)
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if device_type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device(device_type)
+        dist.init_process_group("gloo")
+    dist.barrier()
+    return True, rank, local_rank, world, device
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

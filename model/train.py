@@ -30,7 +30,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from model import checkpoint as ckpt  # noqa: E402
-from model.common import COMPUTE_DTYPE, autodetect_device_type, get_peak_flops  # noqa: E402
+from model.common import COMPUTE_DTYPE, autodetect_device_type, compute_init, get_peak_flops, synchronize  # noqa: E402
 from model.data import read_shard_paths  # noqa: E402
 from model.dataloader import BestFitLoader  # noqa: E402
 from model.gpt import GPT, GPTConfig  # noqa: E402
@@ -88,6 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--out-dir", required=True, help="checkpoints/, metrics.jsonl, summary.json go here")
     a("--data-dir", required=True, help="a shards artifact (shards.json) or a directory of shard_*.parquet (last = val)")
     a("--tokenizer-dir", required=True, help="a tokenizer artifact (tokenizer.tiktoken, tokenizer.json, token_bytes.pt)")
+    a("--bundle-dir", default=None, help="CORE eval bundle, needed when --core-metric-every > 0")
+    a("--allow-missing-tasks", action="store_true", help="CORE over the bundle's tasks present (e.g. 21/22)")
     a("--resume", default="auto", choices=["auto", "none"], help="auto: continue from the last complete checkpoint")
     a("--data-streams", type=int, default=-1, help="data streams the batch is split into; -1 = world size")
     a("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile (auto: on CUDA only)")
@@ -98,35 +100,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # ---------------------------------------------------------------------------------------------
 # process set-up
-
-def compute_init(device_type: str) -> tuple[bool, int, int, int, torch.device]:
-    """Seed, precision and (under torchrun) the process group: nccl on CUDA, gloo on CPU."""
-    assert device_type in ("cuda", "cpu", "mps"), f"unknown device type {device_type!r}"
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device-type=cuda but CUDA is not available")
-    torch.manual_seed(42)
-    if device_type == "cuda":
-        torch.cuda.manual_seed(42)
-        torch.set_float32_matmul_precision("high")
-    distributed = all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    if not distributed:
-        return False, 0, 0, 1, torch.device(device_type)
-    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    if device_type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device(device_type)
-        dist.init_process_group("gloo")
-    dist.barrier()
-    return True, rank, local_rank, world, device
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 class MetricsLog:
     """metrics.jsonl on rank 0 (one JSON object per line) plus wandb when enabled."""
@@ -270,8 +243,15 @@ def main(argv: list[str] | None = None) -> dict:
         from kernels.fp8 import disable_fp8
     else:
         disable_fp8 = lambda m: nullcontext()  # noqa: E731
+    bundle, core_metric = None, (meta or {}).get("loop_state", {}).get("core_metric")
     if args.core_metric_every > 0:
-        say("note: CORE during training needs model/core_eval.py (the base_eval issue); skipped in this build")
+        if not args.bundle_dir:
+            raise SystemExit("--core-metric-every > 0 needs --bundle-dir (the CORE eval bundle); "
+                             "or pass --core-metric-every=-1")
+        from model.core_eval import evaluate_core
+        from model.eval_bundle import load_bundle
+
+        bundle = load_bundle(Path(args.bundle_dir), allow_missing=args.allow_missing_tasks)
     first_step_of_run = step
 
     while True:
@@ -287,6 +267,16 @@ def main(argv: list[str] | None = None) -> dict:
             say(f"Step {step:05d} | Validation bpb: {val_bpb:.6f}")
             metrics.log({"step": step, "total_training_flops": flops_so_far,
                          "total_training_time": total_training_time, "val/bpb": val_bpb})
+
+        if bundle is not None and (last_step or (step > 0 and step % args.core_metric_every == 0)):
+            with disable_fp8(orig_model):  # CORE runs on the uncompiled model, in bf16 (spec/05 §4)
+                core = evaluate_core(orig_model, tokenizer, bundle, max_per_task=args.core_metric_max_per_task,
+                                     device=device, rank=rank, world_size=world, log=say)
+            orig_model.train()
+            core_metric = core["core_metric"]
+            say(f"Step {step:05d} | CORE metric: {core_metric:.4f}")
+            metrics.log({"step": step, "total_training_flops": flops_so_far, "core_metric": core_metric,
+                         "centered_results": core["centered_results"]})
 
         if args.sample_every > 0 and master and (last_step or (step > 0 and step % args.sample_every == 0)):
             orig_model.eval()
@@ -305,7 +295,8 @@ def main(argv: list[str] | None = None) -> dict:
                       "device_batch_size": args.device_batch_size, "max_seq_len": args.max_seq_len,
                       "total_batch_size": total_batch_size, "world_size": world, "num_iterations": num_iterations,
                       "loop_state": {"min_val_bpb": min_val_bpb, "smooth_train_loss": smooth_train_loss,
-                                     "total_training_time": total_training_time, "timed_steps": timed_steps}},
+                                     "total_training_time": total_training_time, "timed_steps": timed_steps,
+                                     "core_metric": core_metric}},
                 optimizer_state=optimizer.state_dict(),
                 loader_state={"loader": train_loader.state_dict(), "batch": (x.cpu(), y.cpu()), "rng": ckpt.rng_state()})
             if master and args.keep_checkpoints > 0:
@@ -363,7 +354,7 @@ def main(argv: list[str] | None = None) -> dict:
         "total_training_flops": flops_per_token * total_batch_size * num_iterations,
         "min_val_bpb": None if math.isinf(min_val_bpb) else min_val_bpb,
         "val_bpb": val_bpb,
-        "core_metric": None,
+        "core_metric": core_metric,
         "step": num_iterations,
         "mfu": mean_mfu if math.isfinite(mean_mfu) else 0.0,
         "tok_per_sec": tok_per_sec if timed_steps else None,

@@ -24,7 +24,7 @@ from tasks.download import DEFAULT_SOURCE, DEFAULT_VAL_SHARD, list_source_shards
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "deployments" / "presets"
 DEFAULT_BUNDLE = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
-STAGES = ("shards", "tokenizer", "pretrain", "base_eval", "sft", "chat_eval", "report")
+STAGES = ("shards", "tokenizer", "pretrain", "eval_bundle", "base_eval", "sft", "chat_eval", "report")
 
 
 class ConfigError(ValueError):
@@ -142,9 +142,7 @@ class PretrainConfig(Section):
     @field_validator("core_metric_max_per_task")
     @classmethod
     def _max_per_task(cls, v: int) -> int:
-        if v == 0 or v < -1:
-            raise ValueError("must be -1 (all examples) or positive")
-        return v
+        return _check_max_per_task(v)
 
     @field_validator("fp8_recipe")
     @classmethod
@@ -154,6 +152,17 @@ class PretrainConfig(Section):
         return v
 
 
+CORE_MAX_FEWSHOT = 10  # the CORE tasks use up to 10-shot prompts
+
+
+def _check_max_per_task(v: int) -> int:
+    """-1 (all) or enough examples that a 10-shot prompt can draw its shots from the capped list."""
+    if v != -1 and v <= CORE_MAX_FEWSHOT:
+        raise ValueError(f"must be -1 (all examples) or more than {CORE_MAX_FEWSHOT}: 10-shot tasks draw their "
+                         "examples from the capped list")
+    return v
+
+
 class BaseEvalConfig(Section):
     bundle: str = Field(DEFAULT_BUNDLE, description="CORE eval bundle: zip URL, local zip or directory")
     eval: str = Field("core,bpb,sample", description="comma list of core, bpb, sample")
@@ -161,6 +170,11 @@ class BaseEvalConfig(Section):
     device_batch_size: int = Field(32, ge=1)
     split_tokens: int = Field(40 * 524_288, gt=0, description="tokens per split for bpb")
     allow_missing_tasks: bool = Field(False, description="average CORE over the tasks present instead of failing")
+
+    @field_validator("max_per_task")
+    @classmethod
+    def _max_per_task(cls, v: int) -> int:
+        return _check_max_per_task(v)
 
     @field_validator("eval")
     @classmethod

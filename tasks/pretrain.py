@@ -17,6 +17,7 @@ from prefect.logging import get_run_logger
 
 from tasks.cache import StageOutput, run_stage, stage_task
 from tasks.config import SpeedrunConfig
+from tasks.eval_bundle import BUNDLE_DIR
 from tasks.launch import run_torchrun
 from tasks.store import StageDef
 
@@ -25,6 +26,7 @@ PRETRAIN = StageDef("pretrain", version=1, code=(
     "tasks/pretrain.py", "tasks/launch.py", "kernels/*.py",
     "model/train.py", "model/gpt.py", "model/optim.py", "model/data.py", "model/dataloader.py", "model/tokenizer.py",
     "model/loss_eval.py", "model/checkpoint.py", "model/common.py", "model/sizing.py",
+    "model/core_eval.py", "model/eval_bundle.py",
 ))
 # Options that change how a run is launched or logged, not what it computes.
 NOT_IN_KEY = {"run"}
@@ -34,7 +36,13 @@ def pretrain_section(cfg: SpeedrunConfig) -> dict:
     section = {k: v for k, v in cfg.pretrain.model_dump().items() if k not in NOT_IN_KEY}
     section["device_type"] = cfg.pretrain.device_type or cfg.runtime.device_type or "auto"
     section["world_size"] = cfg.runtime.world_size  # optimizer state is per rank; numerics depend on it
+    section["allow_missing_tasks"] = cfg.base_eval.allow_missing_tasks
     return section
+
+
+def pretrain_upstream(cfg: SpeedrunConfig) -> list[str]:
+    """The bundle is an input only when CORE runs during training; otherwise it must not enter the key."""
+    return ["shards", "tokenizer"] + (["eval_bundle"] if cfg.pretrain.core_metric_every > 0 else [])
 
 
 def pretrain_options(cfg: SpeedrunConfig) -> dict:
@@ -48,7 +56,7 @@ def train_arguments(section: dict) -> list[str]:
     """The config section as model.train flags (kebab-case, same names as the reference)."""
     args = []
     for name, value in section.items():
-        if name == "world_size" or value is None:
+        if name in ("world_size", "allow_missing_tasks") or value is None:
             continue
         flag = "--" + name.replace("_", "-")
         if name == "device_type":
@@ -73,6 +81,10 @@ def pretrain_stage(section: dict, upstream: dict, store: str, options: dict, reb
             f"--tokenizer-dir={upstream['tokenizer']['path']}", "--resume=auto",
             f"--run={options['run']}", f"--wandb-mode={options['wandb_mode']}",
         ]
+        if "eval_bundle" in upstream:  # CORE during training (core_metric_every > 0)
+            args.append(f"--bundle-dir={Path(upstream['eval_bundle']['path']) / BUNDLE_DIR}")
+            if section["allow_missing_tasks"]:
+                args.append("--allow-missing-tasks")
         run_torchrun("model.train", args, log_path=work / "log.txt", log=logger.info,
                      nproc_per_node=options["nproc_per_node"], nnodes=options["nnodes"],
                      node_rank=options["node_rank"], rdzv_endpoint=options["rdzv_endpoint"],

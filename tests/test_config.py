@@ -473,3 +473,11 @@ def test_extra_keys_forbidden():
         PretrainConfig(dept=5)
     with pytest.raises(ConfigError, match="pretrain.dept"):
         build_config({"pretrain": {"dept": 5}})
+
+
+@pytest.mark.parametrize("field", ["base_eval.max_per_task", "pretrain.core_metric_max_per_task"])
+def test_core_example_cap_must_leave_room_for_ten_shots(field):
+    with pytest.raises(ConfigError) as exc_info:
+        load_config("d24", sets=[f"{field}=8"])
+    assert field in str(exc_info.value) and "fix" in str(exc_info.value) and "10-shot" in str(exc_info.value)
+    assert load_config("d24", sets=[f"{field}=11"])  # 10 shots + the example itself

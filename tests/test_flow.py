@@ -23,13 +23,24 @@ from tasks.download import ShardSourceError
 from tasks.store import read_manifest, sha256_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+STAGES_RUN = ("shards", "tokenizer", "eval_bundle", "pretrain", "base_eval")
+
+
+def expect(default: str, until: str | None = "pretrain", **states: str) -> dict:
+    """Expected {stage: state}: `default` for every stage the flow runs (up to `until`), except those named."""
+    stages = STAGES_RUN if until is None else STAGES_RUN[:STAGES_RUN.index(until) + 1]
+    return {stage: states.get(stage, default) for stage in stages}
 
 
 @pytest.fixture
 def run(prefect_server, shared_data, tmp_path):
-    """Run the smoke speedrun against a fresh store; returns {stage: state} and keeps the last result."""
-    def _run(**kwargs):
-        result = speedrun(preset="smoke", mirror=str(shared_data), store=str(tmp_path / "store"), **kwargs)
+    """Run the smoke speedrun against a fresh store; returns {stage: state} and keeps the last result.
+
+    Runs stop after pretrain unless told otherwise: the cache mechanics do not need CORE every time.
+    """
+    def _run(until="pretrain", **kwargs):
+        result = speedrun(preset="smoke", mirror=str(shared_data), store=str(tmp_path / "store"), until=until,
+                          **kwargs)
         _run.last = result
         return {name: s["state"] for name, s in result["stages"].items()}
     _run.store = tmp_path / "store"
@@ -41,7 +52,7 @@ def artifact(run, stage: str) -> Path:
 
 
 def test_first_run_completes_and_rerun_is_cached(run):
-    assert run() == {"shards": "Completed", "tokenizer": "Completed", "pretrain": "Completed"}
+    assert run(until=None) == expect("Completed", until=None)
     first = run.last
     tok = artifact(run, "tokenizer")
     assert {"tokenizer.tiktoken", "tokenizer.json", "token_bytes.pt", "tok_eval.json", "manifest.json"} <= \
@@ -56,15 +67,19 @@ def test_first_run_completes_and_rerun_is_cached(run):
     assert summary["step"] == 20
     bpb = [m["val/bpb"] for m in map(json.loads, (pre / "metrics.jsonl").read_text().splitlines()) if "val/bpb" in m]
     assert len(bpb) == 3 and bpb[-1] < bpb[0]  # smoke training learns something
-    assert run() == {"shards": "Cached", "tokenizer": "Cached", "pretrain": "Cached"}
+    assert summary["core_tasks"] == "21/22" and summary["missing_tasks"] == ["coqa"]  # the mirror lacks coqa
+    assert -1.0 <= summary["core_metric"] <= 1.0 and summary["val_bpb"] > 0
+    evaluated = artifact(run, "base_eval")
+    assert {"summary.json", "core.json", "base_model_000020.csv", "log.txt"} <= {p.name for p in evaluated.iterdir()}
+    assert run(until=None) == expect("Cached", until=None)
     assert {k: v["key"] for k, v in run.last["stages"].items()} == {k: v["key"] for k, v in first["stages"].items()}
 
 
 def test_tokenizer_option_reexecutes_tokenizer_only(run):
     run()
     old_key = run.last["stages"]["tokenizer"]["key"]
-    assert run(overrides={"tokenizer.vocab_size": 768}) == \
-        {"shards": "Cached", "tokenizer": "Completed", "pretrain": "Completed"}
+    retrained = expect("Cached", tokenizer="Completed", pretrain="Completed")
+    assert run(overrides={"tokenizer.vocab_size": 768}) == retrained
     assert run.last["stages"]["tokenizer"]["key"] != old_key
     assert run.last["summary"]["vocab_size"] == 768
 
@@ -75,7 +90,7 @@ def test_deleted_artifact_file_is_rebuilt(run):
     original = sha256_file(token_bytes)
     token_bytes.unlink()
     # Same key and directory; a deterministic rebuild keeps the content hash, so pretrain stays Cached.
-    assert run() == {"shards": "Cached", "tokenizer": "Completed", "pretrain": "Cached"}
+    assert run() == expect("Cached", tokenizer="Completed")
     assert sha256_file(token_bytes) == original
 
 
@@ -85,7 +100,7 @@ def test_deleted_shard_is_refetched_and_downstream_stays_cached(run):
     shard = (artifact(run, "shards") / shard).resolve()
     shard.unlink()
     # The shard comes back with the same bytes, so the tokenizer's inputs (content hashes) are unchanged.
-    assert run() == {"shards": "Completed", "tokenizer": "Cached", "pretrain": "Cached"}
+    assert run() == expect("Cached", shards="Completed")
     assert shard.is_file()
 
 
@@ -96,26 +111,26 @@ def test_garbled_shard_in_store_is_detected_and_refetched(run, shared_data):
     data = bytearray(victim.read_bytes())
     data[len(data) // 2: len(data) // 2 + 65536] = os.urandom(65536)  # same size, corrupt pages
     victim.write_bytes(bytes(data))
-    assert run() == {"shards": "Completed", "tokenizer": "Cached", "pretrain": "Cached"}
+    assert run() == expect("Cached", shards="Completed")
     assert sha256_file(victim) == sha256_file(shared_data / "pretrain" / "shard_00001.parquet")
 
 
 def test_refresh_reexecutes_stage_and_downstream(run):
     run()
     keys = {k: v["key"] for k, v in run.last["stages"].items()}
-    assert run(refresh=["pretrain"]) == {"shards": "Cached", "tokenizer": "Cached", "pretrain": "Completed"}
-    assert run(refresh=["tokenizer"]) == {"shards": "Cached", "tokenizer": "Completed", "pretrain": "Completed"}
-    assert {k: v["key"] for k, v in run.last["stages"].items()} == keys
-    assert run() == {"shards": "Cached", "tokenizer": "Cached", "pretrain": "Cached"}
+    assert run(refresh=["pretrain"]) == expect("Cached", pretrain="Completed")
+    assert run(refresh=["tokenizer"]) == expect("Cached", tokenizer="Completed", pretrain="Completed")
+    assert {k: v["key"] for k, v in run.last["stages"].items()} == keys  # same inputs, same keys
+    assert run() == expect("Cached")
 
 
 def test_lost_cache_record_reuses_valid_artifact(run):
     run()
     manifest_before = read_manifest(artifact(run, "tokenizer"))
     shutil.rmtree(run.store / "prefect-results")
-    assert run() == {"shards": "Completed", "tokenizer": "Completed", "pretrain": "Completed"}
+    assert run() == expect("Completed")
     assert read_manifest(artifact(run, "tokenizer")) == manifest_before  # reused, not rebuilt
-    assert run() == {"shards": "Cached", "tokenizer": "Cached", "pretrain": "Cached"}
+    assert run() == expect("Cached")
 
 
 @pytest.fixture(scope="module")
@@ -132,13 +147,12 @@ def http_mirror(shared_data):
 
 def test_http_source_fetches_shards_and_resolves_val_shard(run, http_mirror, shared_data):
     source = f"{http_mirror}/pretrain"
-    assert run(overrides={"data.source": source}) == {"shards": "Completed", "tokenizer": "Completed",
-                                                      "pretrain": "Completed"}
+    assert run(overrides={"data.source": source}) == expect("Completed")
     index = json.loads((artifact(run, "shards") / "shards.json").read_text())
     assert index["source"] == source and index["val"].endswith("shard_00007.parquet")  # highest index served
     val = (artifact(run, "shards") / index["val"]).resolve()
     assert sha256_file(val) == sha256_file(shared_data / "pretrain" / "shard_00007.parquet")
-    assert run(overrides={"data.source": source}) == {"shards": "Cached", "tokenizer": "Cached", "pretrain": "Cached"}
+    assert run(overrides={"data.source": source}) == expect("Cached")
 
 
 def test_missing_source_fails_the_shards_stage_with_the_url(run, http_mirror):
@@ -195,7 +209,7 @@ def test_cli_summary_json_cached_rerun_and_source_edit(cli_env, shared_data, tmp
     for i, expected in enumerate(["Completed", "Cached"]):
         proc = cli(repo, *args, "--summary-json", str(tmp_path / f"s{i}.json"), env=env)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        assert states(tmp_path / f"s{i}.json") == {"shards": expected, "tokenizer": expected, "pretrain": expected}
+        assert states(tmp_path / f"s{i}.json") == expect(expected, until=None)
     s0 = json.loads((tmp_path / "s0.json").read_text())
     for stage in s0["stages"].values():
         assert set(stage) == {"state", "key", "seconds", "artifact"} and Path(stage["artifact"]).is_dir()
@@ -204,7 +218,8 @@ def test_cli_summary_json_cached_rerun_and_source_edit(cli_env, shared_data, tmp
         f.write("\n# an edit that changes the code fingerprint\n")
     proc = cli(repo, *args, "--summary-json", str(tmp_path / "s2.json"), env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert states(tmp_path / "s2.json") == {"shards": "Cached", "tokenizer": "Completed", "pretrain": "Completed"}
+    assert states(tmp_path / "s2.json") == \
+        expect("Cached", until=None, tokenizer="Completed", pretrain="Completed", base_eval="Completed")
 
 
 def torchrun_pids(marker: str) -> list[int]:
@@ -224,7 +239,7 @@ def torchrun_pids(marker: str) -> list[int]:
 def test_retry_after_killed_torchrun_resumes_from_checkpoint(cli_env, shared_data, tmp_path):
     """A run whose torchrun dies (SIGKILL, as an OOM kill or node loss would) fails; the retry resumes."""
     store = tmp_path / "store"
-    args = ("--preset", "smoke", "--mirror", str(shared_data), "--store", str(store),
+    args = ("--preset", "smoke", "--mirror", str(shared_data), "--store", str(store), "--until", "pretrain",
             "--set", "pretrain.num_iterations=40", "--set", "pretrain.save_every=10")
     first = subprocess.Popen([sys.executable, "-m", "flows.speedrun", *args], cwd=REPO_ROOT, env=cli_env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -247,7 +262,7 @@ def test_retry_after_killed_torchrun_resumes_from_checkpoint(cli_env, shared_dat
     assert retry.returncode == 0, retry.stdout[-3000:] + retry.stderr[-3000:]
     result = json.loads((tmp_path / "retry.json").read_text())
     assert {k: v["state"] for k, v in result["stages"].items()} == \
-        {"shards": "Cached", "tokenizer": "Cached", "pretrain": "Completed"}
+        expect("Cached", pretrain="Completed")  # eval_bundle ran before the failure
     log = (Path(result["stages"]["pretrain"]["artifact"]) / "log.txt").read_text()
     resumed = int(log.split("resuming from step ")[1].split()[0])
     assert resumed >= 10  # continued from the checkpoint instead of starting over

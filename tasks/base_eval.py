@@ -1,0 +1,66 @@
+"""The base_eval stage: CORE, bits per byte and samples of the final pretrain checkpoint (model/evaluate.py).
+
+Keyed on the pretrain artifact, the eval bundle, the tokenizer and shards, and its own options; runs
+under torchrun like pretraining, so evaluation shares the node's GPUs the same way. The artifact holds
+summary.json (core_metric, per-task accuracy and centered values, train/val bpb, samples), core.json
+(per-example decisions) and the reference's CORE CSV.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from prefect.logging import get_run_logger
+
+from tasks.cache import StageOutput, run_stage, stage_task
+from tasks.config import SpeedrunConfig
+from tasks.eval_bundle import BUNDLE_DIR
+from tasks.launch import run_torchrun
+from tasks.store import StageDef
+
+BASE_EVAL = StageDef("base_eval", version=1, code=(
+    "tasks/base_eval.py", "tasks/launch.py", "kernels/*.py",
+    "model/evaluate.py", "model/core_eval.py", "model/eval_bundle.py", "model/gpt.py", "model/checkpoint.py",
+    "model/loss_eval.py", "model/dataloader.py", "model/data.py", "model/tokenizer.py", "model/common.py",
+))
+
+
+def base_eval_section(cfg: SpeedrunConfig) -> dict:
+    section = cfg.base_eval.model_dump(exclude={"bundle"})  # the bundle enters the key as upstream content
+    section["device_type"] = cfg.runtime.device_type or "auto"
+    return section
+
+
+def base_eval_options(cfg: SpeedrunConfig) -> dict:
+    rt = cfg.runtime
+    return {"nproc_per_node": rt.nproc_per_node, "nnodes": rt.nnodes, "node_rank": rt.node_rank,
+            "rdzv_endpoint": rt.rdzv_endpoint, "omp_num_threads": rt.omp_num_threads}
+
+
+@stage_task(BASE_EVAL)
+def base_eval_stage(section: dict, upstream: dict, store: str, options: dict, rebuild: bool = False) -> dict:
+    logger = get_run_logger()
+
+    def build(art: Path, work: Path) -> StageOutput:
+        out = work / "out"
+        args = [f"--eval={section['eval']}", f"--max-per-task={section['max_per_task']}",
+                f"--device-batch-size={section['device_batch_size']}", f"--split-tokens={section['split_tokens']}",
+                f"--checkpoint-dir={Path(upstream['pretrain']['path']) / 'checkpoint'}",
+                f"--tokenizer-dir={upstream['tokenizer']['path']}", f"--data-dir={upstream['shards']['path']}",
+                f"--bundle-dir={Path(upstream['eval_bundle']['path']) / BUNDLE_DIR}", f"--out-dir={out}"]
+        if section["allow_missing_tasks"]:
+            args.append("--allow-missing-tasks")
+        if section["device_type"] != "auto":
+            args.append(f"--device-type={section['device_type']}")
+        run_torchrun("model.evaluate", args, log_path=work / "log.txt", log=logger.info, **options)
+        for produced in out.iterdir():
+            shutil.copy2(produced, art / produced.name)
+        shutil.copy2(work / "log.txt", art / "log.txt")
+        summary = json.loads((out / "summary.json").read_text())
+        metrics = {k: summary.get(k) for k in ("core_metric", "core_tasks", "missing_tasks", "train_bpb", "val_bpb",
+                                                "core_results", "core_centered")}
+        return StageOutput(metrics=metrics)
+
+    return run_stage(BASE_EVAL, section, upstream, store, rebuild, build)
