@@ -1,6 +1,6 @@
 """MuonAdamW: the speedrun's single optimizer (AdamW + Muon groups), its distributed step and schedules.
 
-Spec: /work/shared/spec/04-optim.md. One `torch.optim.Optimizer` holds parameter groups tagged
+Spec: shared/spec/04-optim.md. One `torch.optim.Optimizer` holds parameter groups tagged
 `kind="adamw"` (embeddings, lm_head, scalars) or `kind="muon"` (the 2-D matrices inside the
 transformer blocks, one group per distinct shape). Every group gets `initial_lr` = its `lr` at
 construction; the training loop sets `lr = initial_lr * get_lr_multiplier(...)` and the Muon

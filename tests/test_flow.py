@@ -245,7 +245,8 @@ def test_retry_after_killed_torchrun_resumes_from_checkpoint(cli_env, shared_dat
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 240
-        while not list(store.glob("stages/pretrain/*/work/run/checkpoints/complete_000010")):
+        step10 = os.path.join("stages", "pretrain", "*", "work", "run", "checkpoints", "complete_000010")
+        while not list(store.glob(step10)):
             assert first.poll() is None, first.stdout.read()[-3000:]
             assert time.monotonic() < deadline, "no step-10 checkpoint in time"
             time.sleep(0.1)
