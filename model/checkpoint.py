@@ -37,7 +37,7 @@ def _atomic_torch_save(obj, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         tmp.write_text(text)
@@ -72,10 +72,10 @@ def save_checkpoint(directory: Path, step: int, *, rank: int, model_state: dict 
     _atomic_torch_save(loader_state, directory / f"loader_{step:06d}_rank{rank}.pt")
     if rank == 0:
         _atomic_torch_save(model_state, directory / f"model_{step:06d}.pt")
-        _atomic_write_text(directory / f"meta_{step:06d}.json", json.dumps(meta, indent=2))
+        atomic_write_text(directory / f"meta_{step:06d}.json", json.dumps(meta, indent=2))
     _barrier()  # the marker may only appear once every rank's files are in place
     if rank == 0:
-        _atomic_write_text(directory / MARKER.format(step=step), "")
+        atomic_write_text(directory / MARKER.format(step=step), "")
     _barrier()
 
 

@@ -397,10 +397,14 @@ def val_loader(
     rank: int,
     world_size: int,
     device: str | torch.device = "cpu",
+    num_streams: int | None = None,
 ) -> BestFitLoader:
     """A fresh loader over the val shard for one evaluation (spec 02 §5.4).
 
-    Build a new one for every evaluation so each sees the same first batches; rank ``r`` of
-    ``world_size`` reads row groups ``r, r + world_size, ...``.
+    Build a new one for every evaluation so each sees the same first batches. The shard is split into
+    ``num_streams`` streams (default: one per rank); rank ``r`` owns streams ``r, r + world_size, ...``,
+    so any world size that divides ``num_streams`` evaluates the same tokens.
     """
-    return BestFitLoader(tokenizer, [val_path], B, T, streams=[rank], num_streams=world_size, device=device)
+    num_streams = num_streams or world_size
+    return BestFitLoader(tokenizer, [val_path], B, T, streams=list(range(rank, num_streams, world_size)),
+                         num_streams=num_streams, device=device)

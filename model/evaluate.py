@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from model.checkpoint import _atomic_write_text, load_model
+from model.checkpoint import atomic_write_text, load_model
 from model.common import autodetect_device_type, compute_init
 from model.core_eval import evaluate_core, write_core_csv
 from model.data import read_shard_paths
@@ -112,10 +112,10 @@ def main(argv: list[str] | None = None) -> dict:
         say(f"CORE metric: {core['core_metric']:.4f} ({core['core_tasks']} tasks)")
         if master:
             write_core_csv(out_dir / f"base_model_{step:06d}.csv", core)
-            _atomic_write_text(out_dir / "core.json", json.dumps(core, indent=2))
+            atomic_write_text(out_dir / "core.json", json.dumps(core, indent=2))
 
     if master:
-        _atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
+        atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
     if distributed:
         dist.barrier()
         dist.destroy_process_group()

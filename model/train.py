@@ -32,7 +32,7 @@ import torch.distributed as dist  # noqa: E402
 from model import checkpoint as ckpt  # noqa: E402
 from model.common import COMPUTE_DTYPE, autodetect_device_type, compute_init, get_peak_flops, synchronize  # noqa: E402
 from model.data import read_shard_paths  # noqa: E402
-from model.dataloader import BestFitLoader  # noqa: E402
+from model.dataloader import BestFitLoader, val_loader  # noqa: E402
 from model.gpt import GPT, GPTConfig  # noqa: E402
 from model.loss_eval import evaluate_bpb  # noqa: E402
 from model.optim import get_lr_multiplier, get_muon_momentum, get_weight_decay  # noqa: E402
@@ -225,9 +225,9 @@ def main(argv: list[str] | None = None) -> dict:
                                  device=device, state=loader_state)
     x, y = (first_batch[0].to(device), first_batch[1].to(device)) if first_batch is not None else next(train_loader)
 
-    def fresh_val_batches():  # a new loader per evaluation: every eval sees the same batches (spec/02 §5.4)
-        return BestFitLoader(tokenizer, [val_path], args.device_batch_size, args.max_seq_len,
-                             streams=list(range(rank, num_streams, world)), num_streams=num_streams, device=device)
+    def fresh_val_batches():
+        return val_loader(tokenizer, val_path, args.device_batch_size, args.max_seq_len, rank, world, device,
+                          num_streams=num_streams)
 
     eval_steps = max(1, args.eval_tokens // (args.device_batch_size * args.max_seq_len * world))
     loop = (meta or {}).get("loop_state", {})
@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> dict:
         "final_step": step,
     }
     if master:
-        ckpt._atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
+        ckpt.atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
         say(f"Total training time: {total_training_time / 60:.2f}m | Minimum validation bpb: {summary['min_val_bpb']}")
         if wandb_run is not None:
             wandb_run.summary.update({k: v for k, v in summary.items() if v is not None})

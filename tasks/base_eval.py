@@ -17,7 +17,7 @@ from prefect.logging import get_run_logger
 from tasks.cache import StageOutput, run_stage, stage_task
 from tasks.config import SpeedrunConfig
 from tasks.eval_bundle import BUNDLE_DIR
-from tasks.launch import run_torchrun
+from tasks.launch import run_torchrun, torchrun_options
 from tasks.store import StageDef
 
 BASE_EVAL = StageDef("base_eval", version=1, code=(
@@ -34,9 +34,7 @@ def base_eval_section(cfg: SpeedrunConfig) -> dict:
 
 
 def base_eval_options(cfg: SpeedrunConfig) -> dict:
-    rt = cfg.runtime
-    return {"nproc_per_node": rt.nproc_per_node, "nnodes": rt.nnodes, "node_rank": rt.node_rank,
-            "rdzv_endpoint": rt.rdzv_endpoint, "omp_num_threads": rt.omp_num_threads}
+    return torchrun_options(cfg.runtime)
 
 
 @stage_task(BASE_EVAL)

@@ -39,6 +39,12 @@ def torchrun_command(module: str, args: list[str], *, nproc_per_node: int, nnode
     return cmd + ["-m", module, "--", *args]
 
 
+def torchrun_options(runtime) -> dict:
+    """How a stage's torchrun is laid out, from the config's `runtime` section (the run_torchrun keywords)."""
+    return {"nproc_per_node": runtime.nproc_per_node, "nnodes": runtime.nnodes, "node_rank": runtime.node_rank,
+            "rdzv_endpoint": runtime.rdzv_endpoint, "omp_num_threads": runtime.omp_num_threads}
+
+
 def run_torchrun(module: str, args: list[str], *, log_path: Path, log=print, nproc_per_node: int = 1,
                  nnodes: int = 1, node_rank: int = 0, rdzv_endpoint: str | None = None,
                  omp_num_threads: int | None = None, env: dict | None = None) -> None:

@@ -18,7 +18,7 @@ from prefect.logging import get_run_logger
 from tasks.cache import StageOutput, run_stage, stage_task
 from tasks.config import SpeedrunConfig
 from tasks.eval_bundle import BUNDLE_DIR
-from tasks.launch import run_torchrun
+from tasks.launch import run_torchrun, torchrun_options
 from tasks.store import StageDef
 
 # What the run executes: editing any of these re-trains; editing SFT or eval code does not.
@@ -46,9 +46,7 @@ def pretrain_upstream(cfg: SpeedrunConfig) -> list[str]:
 
 
 def pretrain_options(cfg: SpeedrunConfig) -> dict:
-    rt = cfg.runtime
-    return {"nproc_per_node": rt.nproc_per_node, "nnodes": rt.nnodes, "node_rank": rt.node_rank,
-            "rdzv_endpoint": rt.rdzv_endpoint, "omp_num_threads": rt.omp_num_threads, "wandb_mode": rt.wandb_mode,
+    return {"torchrun": torchrun_options(cfg.runtime), "wandb_mode": cfg.runtime.wandb_mode,
             "run": cfg.pretrain.run if cfg.pretrain.run != "dummy" else f"{cfg.preset}-pretrain"}
 
 
@@ -85,10 +83,7 @@ def pretrain_stage(section: dict, upstream: dict, store: str, options: dict, reb
             args.append(f"--bundle-dir={Path(upstream['eval_bundle']['path']) / BUNDLE_DIR}")
             if section["allow_missing_tasks"]:
                 args.append("--allow-missing-tasks")
-        run_torchrun("model.train", args, log_path=work / "log.txt", log=logger.info,
-                     nproc_per_node=options["nproc_per_node"], nnodes=options["nnodes"],
-                     node_rank=options["node_rank"], rdzv_endpoint=options["rdzv_endpoint"],
-                     omp_num_threads=options["omp_num_threads"])
+        run_torchrun("model.train", args, log_path=work / "log.txt", log=logger.info, **options["torchrun"])
         summary = json.loads((run_dir / "summary.json").read_text())
         final = summary["step"]
         checkpoint = art / "checkpoint"
