@@ -49,7 +49,10 @@ def fetch_bundle(source: str, dest: Path, work: Path, log=print) -> None:
             tmp = work / f".eval_bundle.zip.{uuid.uuid4().hex}.tmp"
             log(f"downloading the eval bundle from {source}")
             try:
-                with fsspec.open(source, "rb") as src, open(tmp, "wb") as out:
+                # block_size=0 streams over HTTP: servers without range requests (and most CDNs' first
+                # byte) would otherwise fail fsspec's random-access file.
+                streaming = {"block_size": 0} if source.startswith(("http://", "https://")) else {}
+                with fsspec.open(source, "rb", **streaming) as src, open(tmp, "wb") as out:
                     shutil.copyfileobj(src, out, length=1 << 20)
                 tmp.replace(archive)
             finally:

@@ -268,3 +268,9 @@ def test_retry_after_killed_torchrun_resumes_from_checkpoint(cli_env, shared_dat
     resumed = int(log.split("resuming from step ")[1].split()[0])
     assert resumed >= 10  # continued from the checkpoint instead of starting over
     assert result["summary"]["step"] == 40
+
+
+def test_cli_rejects_unknown_until_stage(cli_env, tmp_path):
+    proc = cli(REPO_ROOT, "--preset", "smoke", "--until", "pretrian", "--store", str(tmp_path / "store"), env=cli_env)
+    assert proc.returncode == 2 and "until" in proc.stderr and "pretrain" in proc.stderr
+    assert not (tmp_path / "store").exists()

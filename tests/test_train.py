@@ -130,3 +130,17 @@ def test_bad_data_dir_fails_naming_the_fix(tokenizer_dir, tmp_path):
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "shards" in proc.stderr and str(empty) in proc.stderr
+
+
+def test_prune_checkpoints_keeps_the_newest_complete_ones(tmp_path):
+    from model import checkpoint as ckpt
+
+    for step in (4, 8, 12):
+        ckpt.save_checkpoint(tmp_path, step, rank=0, model_state={"w": torch.zeros(1)}, meta={"step": step},
+                             optimizer_state={}, loader_state={})
+    (tmp_path / "model_000016.pt").write_bytes(b"half-written checkpoint without its marker")
+    ckpt.prune_checkpoints(tmp_path, set(ckpt.complete_steps(tmp_path)[-2:]))
+    assert ckpt.complete_steps(tmp_path) == [8, 12]
+    assert not list(tmp_path.glob("*_000004*"))
+    assert (tmp_path / "model_000016.pt").exists()  # not complete, so not ours to judge
+    assert ckpt.last_complete_step(tmp_path) == 12
