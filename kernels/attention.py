@@ -306,7 +306,8 @@ def flash_attn_with_kvcache(
 ) -> torch.Tensor:
     """Insert k, v (B x T_new x Hkv x D) into the caches (B x T_max x Hkv x D) in place at
     ``cache_seqlens`` (int32, shape (B,)) and attend q (B x T_new x H x D) over the first
-    ``pos + T_new`` cached positions. Positions are assumed uniform across the batch off FA3.
+    ``pos + T_new`` cached positions. Rows may sit at different positions (as in FA3): off FA3 such
+    a batch writes each row at its own position and attends with a per-row mask (SDPA).
     """
     backend = get_backend(q)
     if backend == "fa3":
@@ -316,6 +317,10 @@ def flash_attn_with_kvcache(
         ))
     if (k is None) != (v is None):
         raise ValueError("pass both k and v, or neither")
+    if cache_seqlens is not None and cache_seqlens.numel() > 1:
+        seqlens = cache_seqlens.tolist()
+        if any(p != seqlens[0] for p in seqlens):
+            return _kvcache_ragged(q, k_cache, v_cache, k, v, seqlens, causal, window_size)
     pos = int(cache_seqlens[0]) if cache_seqlens is not None else 0
     t_new = k.size(1) if k is not None else 0
     if pos + t_new > k_cache.size(1):
@@ -331,3 +336,35 @@ def flash_attn_with_kvcache(
     if _OVERRIDE == "flex":
         return _flex(q, keys, values, left, right)
     return _sdpa(q, keys, values, left, right)
+
+
+def _kvcache_ragged(q, k_cache, v_cache, k, v, seqlens: list[int], causal: bool, window_size) -> torch.Tensor:
+    """flash_attn_with_kvcache for rows at different positions: row b writes at seqlens[b] and its query i
+    sits at key position seqlens[b] + i; keys past a row's own end are masked out."""
+    t_new = k.size(1) if k is not None else 0
+    Tq, T_max = q.size(1), k_cache.size(1)
+    if max(seqlens) + t_new > T_max:
+        raise ValueError(f"KV cache overflow: {max(seqlens)} + {t_new} > {T_max} slots")
+    starts = torch.tensor(seqlens, device=q.device)
+    if k is not None:  # row b's new keys go to slots seqlens[b] .. seqlens[b] + t_new - 1
+        rows = torch.arange(len(seqlens), device=q.device).unsqueeze(1)
+        slots = starts.unsqueeze(1) + torch.arange(t_new, device=q.device)
+        k_cache[rows, slots] = k.to(k_cache.dtype)
+        v_cache[rows, slots] = v.to(v_cache.dtype)
+    Tk = max(seqlens) + t_new
+    keys, values = k_cache[:, :Tk], v_cache[:, :Tk]
+    _check(q, keys, values)
+    left, right = _effective_window(causal, window_size)
+    ends = starts + t_new  # B: one past each row's last key
+    qpos = (ends - Tq).unsqueeze(1) + torch.arange(Tq, device=q.device)  # B x Tq, aligned to each row's end
+    kpos = torch.arange(Tk, device=q.device)
+    allow = (kpos.view(1, 1, Tk) < ends.view(-1, 1, 1)).expand(-1, Tq, -1)  # B x Tq x Tk
+    rel = kpos.view(1, 1, Tk) - qpos.unsqueeze(-1)  # key minus query position
+    if right >= 0:
+        allow = allow & (rel <= right)
+    if left >= 0:
+        allow = allow & (-rel <= left)
+    qt, kt, vt = q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)
+    kwargs = {"enable_gqa": True} if q.size(2) != keys.size(2) else {}
+    y = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=allow.unsqueeze(1), **kwargs)
+    return y.transpose(1, 2)

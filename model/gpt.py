@@ -9,6 +9,11 @@ weight to the activation dtype (model.common.COMPUTE_DTYPE); embeddings are stor
 
 Build: construct on the meta device, then `to_empty(device=...)` and `init_weights()` (or use
 `build_model`). Sizes must agree with model/sizing.py, whose helpers are used here.
+
+Inference (spec/09 §2): `forward(idx, kv_cache=cache)` runs a chunk of new tokens against a KV cache
+(model/engine.py: KVCache) -- rotary positions and attention start at the cache position (per row when the
+rows sit at different positions), smear continues from the cache's `prev_embedding`, and the cache
+advances by T after the last layer. Without a cache the forward is exactly the training forward.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.attention import flash_attn_func
+from kernels.attention import flash_attn_func, flash_attn_with_kvcache
 from model.common import COMPUTE_DTYPE
 from model.sizing import (SMEAR_GATE_INPUTS, VE_GATE_INPUTS, padded_vocab, value_embedding_layers,
                           window_sizes)
@@ -99,7 +104,7 @@ class CausalSelfAttention(nn.Module):
         self.ve_gate = Linear(VE_GATE_INPUTS, self.n_kv_head) if has_ve else None
 
     def forward(self, u: torch.Tensor, ve: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-                window: int) -> torch.Tensor:
+                window: int, kv_cache=None) -> torch.Tensor:
         B, T, _ = u.shape
         q = self.c_q(u).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(u).view(B, T, self.n_kv_head, self.head_dim)
@@ -109,7 +114,12 @@ class CausalSelfAttention(nn.Module):
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         q, k = norm(q) * QK_SCALE, norm(k) * QK_SCALE
-        y = flash_attn_func(q, k, v, causal=True, window_size=(window, 0))
+        if kv_cache is None:
+            y = flash_attn_func(q, k, v, causal=True, window_size=(window, 0))
+        else:  # write this chunk's k, v at the cache position(s) and attend over everything cached so far
+            k_cache, v_cache = kv_cache.get_layer_cache(self.layer_idx)
+            y = flash_attn_with_kvcache(q, k_cache, v_cache, k=k.to(k_cache.dtype), v=v.to(v_cache.dtype),
+                                        cache_seqlens=kv_cache.cache_seqlens, causal=True, window_size=(window, 0))
         return self.c_proj(y.contiguous().view(B, T, self.n_head * self.head_dim))
 
 
@@ -129,8 +139,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx, has_ve)
         self.mlp = MLP(config)
 
-    def forward(self, x, ve, cos, sin, window: int):
-        x = x + self.attn(norm(x), ve, cos, sin, window)
+    def forward(self, x, ve, cos, sin, window: int, kv_cache=None):
+        x = x + self.attn(norm(x), ve, cos, sin, window, kv_cache)
         return x + self.mlp(norm(x))
 
 
@@ -199,15 +209,25 @@ class GPT(nn.Module):
         return self.transformer.wte.weight.device
 
     # --------------------------------------------------------------- forward
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, loss_reduction: str = "mean"):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, loss_reduction: str = "mean",
+                kv_cache=None):
         """Logits (B x T x vocab, fp32) without targets; else the cross-entropy (ignore_index -1),
-        a scalar for reduction 'mean' or the B*T per-token losses for 'none'."""
+        a scalar for reduction 'mean' or the B*T per-token losses for 'none'.
+
+        With `kv_cache` (model/engine.py: KVCache) idx holds the next T tokens of every row: positions,
+        attention and smear continue from what the cache holds, and the cache advances by T (spec/09 §2).
+        """
         B, T = idx.shape
-        assert T <= self.cos.size(1), f"sequence length {T} exceeds the rotary cache ({self.cos.size(1)})"
-        cos, sin = self.cos[:, :T], self.sin[:, :T]
+        if kv_cache is None:
+            assert T <= self.cos.size(1), f"sequence length {T} exceeds the rotary cache ({self.cos.size(1)})"
+            cos, sin = self.cos[:, :T], self.sin[:, :T]
+        else:
+            cos, sin = self._cached_rotary(kv_cache, B, T)
 
         x = norm(self.transformer.wte(idx).to(COMPUTE_DTYPE))
-        if T > 1:  # smear: x_t += smear_lambda * sigmoid(smear_gate(x_t[:24])) * x_{t-1} (un-smeared), t >= 1
+        if kv_cache is not None:
+            x = self._cached_smear(x, kv_cache)
+        elif T > 1:  # smear: x_t += smear_lambda * sigmoid(smear_gate(x_t[:24])) * x_{t-1} (un-smeared), t >= 1
             gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[:, 1:, :SMEAR_GATE_INPUTS]))
             x = torch.cat((x[:, :1], x[:, 1:] + gate * x[:, :-1]), dim=1)
         x0 = x
@@ -216,9 +236,11 @@ class GPT(nn.Module):
         for i, block in enumerate(self.transformer.h):
             x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
             ve = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else None
-            x = block(x, ve, cos, sin, self.window_sizes[i])
+            x = block(x, ve, cos, sin, self.window_sizes[i], kv_cache)
             if i == backout_layer:
                 x_backout = x
+        if kv_cache is not None:  # every layer has written its k, v: the new tokens are now in the cache
+            kv_cache.advance(T)
         x = x - self.backout_lambda.to(x.dtype) * x_backout
         x = norm(x)
         logits = self.lm_head(x)[..., :self.config.vocab_size].float()
@@ -227,6 +249,35 @@ class GPT(nn.Module):
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
                                reduction=loss_reduction)
+
+    def _cached_rotary(self, kv_cache, B: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for positions pos .. pos+T-1, pos = the cache position (of each row when rows differ)."""
+        positions = kv_cache.positions  # host-side copy of cache_seqlens: no device sync per step
+        end = max(positions) + T
+        assert end <= self.cos.size(1), f"position {end} exceeds the rotary cache ({self.cos.size(1)})"
+        if kv_cache.uniform:
+            p = positions[0]
+            return self.cos[:, p:p + T], self.sin[:, p:p + T]
+        assert len(positions) == B, f"the cache holds {len(positions)} rows but idx has {B}"
+        index = torch.tensor(positions, device=self.cos.device).unsqueeze(1) + torch.arange(T, device=self.cos.device)
+        return self.cos[0, index], self.sin[0, index]  # B x T x 1 x D/2
+
+    def _cached_smear(self, x: torch.Tensor, kv_cache) -> torch.Tensor:
+        """Smear of a chunk that continues the cached sequence: the same per-position mixing as the
+        uncached forward, x'_t = x_t + g_t * x_{t-1}, where x_{-1} of the chunk is the last (un-smeared)
+        embedding of the previous call. The first chunk of a sequence has none: its position 0 is untouched,
+        as in training. A later chunk -- a decode step or a second prefill chunk -- smears its first position
+        with it, so chunked prefill and token-by-token decode equal one uncached forward."""
+        prev = kv_cache.prev_embedding
+        kv_cache.prev_embedding = x[:, -1:].detach().clone()
+        if prev is None:
+            if x.size(1) == 1:
+                return x
+            gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[:, 1:, :SMEAR_GATE_INPUTS]))
+            return torch.cat((x[:, :1], x[:, 1:] + gate * x[:, :-1]), dim=1)
+        shifted = torch.cat((prev.to(x.dtype).expand(x.size(0), 1, x.size(2)), x[:, :-1]), dim=1)
+        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :SMEAR_GATE_INPUTS]))
+        return x + gate * shifted
 
     # ------------------------------------------------------------ accounting
     def num_scaling_params(self) -> dict[str, int]:
