@@ -1,0 +1,617 @@
+"""Chat datasets as Tasks: the SFT mixture and the five chat-eval tasks (spec/08 §3-§5).
+
+A Task is a sliceable list of conversations (spec/08 §1 format). Eval tasks also say how
+they are scored (`eval_type`, `evaluate`). Data comes through the `datasets` library, either
+from the Hugging Face hub (`data_dir=None`, the reference datasets; needs the network on
+first use) or from local files laid out like `../shared/data/chat_eval`:
+
+    arc/ARC-Easy-test.jsonl, arc/ARC-Challenge-test.jsonl   ai2_arc fields
+    mmlu/test.jsonl (+ dev.jsonl, ...)                       cais/mmlu fields
+    gsm8k/test.jsonl, gsm8k/train.jsonl                      openai/gsm8k fields
+    humaneval/HumanEval.jsonl                                openai_humaneval fields
+
+Every dataset is shuffled with seed 42 when loaded, with the permutation
+`numpy.random.default_rng(42).permutation(n)`, which is the row order of the reference's
+`datasets.Dataset.shuffle(seed=42)`; slicing applies after the shuffle. The `datasets`
+cache goes to `$HF_DATASETS_CACHE` (read at call time) or the library default, and loads
+are memoised per process, so building a Task twice is cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import operator
+import os
+import random
+import re
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from model.tokenizer import ConversationError, check_conversation
+
+SHUFFLE_SEED = 42
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def _cache_dir() -> str | None:
+    # Read per call: `datasets` reads the variable once at import, tests and stages set it later.
+    return os.environ.get("HF_DATASETS_CACHE") or None
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """No progress bars or error logs while converting small local files: one bar per rank is
+    noise, and a file `datasets` cannot read is reported by our own error naming the line."""
+    import datasets
+
+    was_disabled = datasets.are_progress_bars_disabled()
+    verbosity = datasets.logging.get_verbosity()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        if not was_disabled:
+            datasets.enable_progress_bars()
+
+
+@functools.lru_cache(maxsize=32)
+def _load_local_cached(path: str, mtime_ns: int, size: int, cache_dir: str | None):
+    import datasets
+
+    builder = "parquet" if path.endswith(".parquet") else "json"
+    with _quiet():
+        return datasets.load_dataset(builder, data_files=path, split="train", cache_dir=cache_dir)
+
+
+def load_local_file(path: str | os.PathLike):
+    """A local .jsonl/.json/.parquet file as a `datasets.Dataset` (memoised per file version)."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    if path.suffix not in (".jsonl", ".json", ".parquet"):
+        raise ValueError(f"{path}: unsupported file type {path.suffix!r} (use .jsonl, .json or .parquet)")
+    stat = path.stat()
+    return _load_local_cached(str(path), stat.st_mtime_ns, stat.st_size, _cache_dir())
+
+
+@functools.lru_cache(maxsize=16)
+def _load_hub_cached(repo_id: str, subset: str | None, split: str, cache_dir: str | None):
+    import datasets
+
+    try:
+        return datasets.load_dataset(repo_id, subset, split=split, cache_dir=cache_dir)
+    except Exception as e:  # offline, unknown split, hub errors: say what was asked and the way out
+        raise RuntimeError(
+            f"could not load {repo_id} (subset {subset}, split {split}) from the Hugging Face hub: "
+            f"{type(e).__name__}: {e}. Without network, pass local copies instead (data_dir=... in the "
+            f"layout of ../shared/data/chat_eval, or SFT --data FILE.jsonl)"
+        ) from e
+
+
+def load_hub_dataset(repo_id: str, subset: str | None, split: str):
+    return _load_hub_cached(repo_id, subset, split, _cache_dir())
+
+
+# Where each task's data lives: hub (repo, subset) and local file pattern under data_dir.
+HUB_REPOS = {
+    "ARC": "allenai/ai2_arc",
+    "MMLU": "cais/mmlu",
+    "GSM8K": "openai/gsm8k",
+    "HumanEval": "openai/openai_humaneval",
+    "SmolTalk": "HuggingFaceTB/smol-smoltalk",
+}
+
+
+def dataset_source(task: str, subset: str | None, split: str, data_dir: str | os.PathLike | None) -> tuple:
+    """("hub", repo_id, subset, split) or ("local", path) for one task's data."""
+    if data_dir is None:
+        return ("hub", HUB_REPOS[task], subset, split)
+    data_dir = Path(data_dir)
+    if task == "ARC":
+        path = data_dir / "arc" / f"{subset}-{split}.jsonl"
+    elif task == "MMLU":
+        # Subjects are filtered out of the split file; "auxiliary_train" is its own file.
+        path = data_dir / "mmlu" / ("auxiliary_train.jsonl" if subset == "auxiliary_train" else f"{split}.jsonl")
+    elif task == "GSM8K":
+        path = data_dir / "gsm8k" / (f"{split}.jsonl" if subset == "main" else f"{subset}-{split}.jsonl")
+    elif task == "HumanEval":
+        path = data_dir / "humaneval" / "HumanEval.jsonl"
+    else:
+        raise ValueError(f"{task} has no local layout; give its files to sft_mixture(data=[...]) instead")
+    return ("local", path)
+
+
+def _load(task: str, subset: str | None, split: str, data_dir):
+    source = dataset_source(task, subset, split, data_dir)
+    if source[0] == "hub":
+        return load_hub_dataset(*source[1:])
+    path = source[1]
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{task} {subset or ''} {split}: {path} not found. The local chat-eval layout is that of "
+            f"../shared/data/chat_eval (see its README); pass data_dir=None to use the Hugging Face hub"
+        )
+    return load_local_file(path)
+
+
+class ShuffledRows:
+    """Rows of a dataset (optionally a subset of them, by index) in seed-42 shuffled order."""
+
+    def __init__(self, dataset, indices: Sequence[int] | None = None, seed: int = SHUFFLE_SEED):
+        self.dataset = dataset
+        base = np.arange(len(dataset)) if indices is None else np.asarray(indices, dtype=np.int64)
+        self.order = base[np.random.default_rng(seed).permutation(len(base))]
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.dataset[int(self.order[i])]
+
+
+# --- Task framework ---------------------------------------------------------------------------
+
+
+class Task:
+    """A lightweight view start:stop:step over a subclass's examples (spec/08 §3).
+
+    `stop` is clipped to the number of examples (the reference would fail on access instead).
+    """
+
+    def __init__(self, start: int = 0, stop: int | None = None, step: int = 1):
+        start, step = operator.index(start), operator.index(step)
+        stop = None if stop is None else operator.index(stop)
+        if start < 0 or step < 1 or (stop is not None and stop < start):
+            raise ValueError(f"bad slice start={start} stop={stop} step={step}: need 0 <= start <= stop, step >= 1")
+        self.start, self.stop, self.step = start, stop, step
+
+    @property
+    def eval_type(self) -> str:
+        raise NotImplementedError(f"{type(self).__name__} is a training set, it has no eval_type")
+
+    def num_examples(self) -> int:
+        raise NotImplementedError
+
+    def get_example(self, index: int) -> dict:
+        raise NotImplementedError
+
+    def evaluate(self, conversation: dict, completion: str) -> bool:
+        raise NotImplementedError(f"{type(self).__name__} is a training set, it cannot evaluate completions")
+
+    def __len__(self) -> int:
+        n = self.num_examples()
+        stop = n if self.stop is None else min(self.stop, n)
+        return max(0, -(-(stop - self.start) // self.step))
+
+    def __getitem__(self, index: int) -> dict:
+        index = operator.index(index)
+        n = len(self)
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError(f"{type(self).__name__} index {index} out of range for {n} examples")
+        return self.get_example(self.start + index * self.step)
+
+
+class TaskSequence(Task):
+    """Tasks one after the other (a curriculum)."""
+
+    def __init__(self, tasks: Sequence[Task], **slice_kwargs):
+        super().__init__(**slice_kwargs)
+        if not tasks:
+            raise ValueError("TaskSequence needs at least one task")
+        self.tasks = list(tasks)
+        self.offsets = np.cumsum([0] + [len(t) for t in self.tasks])
+
+    def num_examples(self) -> int:
+        return int(self.offsets[-1])
+
+    def _locate(self, index: int) -> dict:
+        t = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        return self.tasks[t][index - int(self.offsets[t])]
+
+    def get_example(self, index: int) -> dict:
+        return self._locate(index)
+
+
+class TaskMixture(TaskSequence):
+    """All (task, example) pairs, task by task, shuffled once with random.Random(42).
+
+    Passing a task twice oversamples it. The shuffle runs on the global index list, which
+    gives the same permutation as the reference's shuffle of (task, index) pairs (it only
+    depends on the length), at a fraction of the memory.
+    """
+
+    def __init__(self, tasks: Sequence[Task], **slice_kwargs):
+        super().__init__(tasks, **slice_kwargs)
+        order = list(range(int(self.offsets[-1])))
+        random.Random(SHUFFLE_SEED).shuffle(order)
+        self.order = np.asarray(order, dtype=np.int64)
+
+    def get_example(self, index: int) -> dict:
+        return self._locate(int(self.order[index]))
+
+
+def render_mc(question: str, letters: Sequence[str], choices: Sequence[str]) -> str:
+    """The multiple-choice user prompt. "=X" with no space: the prompt's letter token is the
+    same token as the bare-letter answer."""
+    if len(letters) != len(choices):
+        raise ValueError(f"{len(letters)} letters for {len(choices)} choices")
+    query = f"Multiple Choice question: {question}\n"
+    query += "".join(f"- {choice}={letter}\n" for letter, choice in zip(letters, choices))
+    return query + "\nRespond only with the letter of the correct answer."
+
+
+def _mc_conversation(question: str, letters: Sequence[str], choices: Sequence[str], answer: str) -> dict:
+    return {
+        "messages": [
+            {"role": "user", "content": render_mc(question, letters, choices)},
+            {"role": "assistant", "content": answer},
+        ],
+        "letters": tuple(letters),
+    }
+
+
+class _Categorical(Task):
+    eval_type = "categorical"
+
+    def evaluate(self, conversation: dict, completion: str) -> bool:
+        """The chosen letter (e.g. the argmax over the allowed letters) equals the gold letter."""
+        return completion.strip() == conversation["messages"][-1]["content"]
+
+
+# --- the eval tasks ---------------------------------------------------------------------------
+
+
+class ARC(_Categorical):
+    def __init__(self, subset: str, split: str = "test", data_dir=None, **slice_kwargs):
+        super().__init__(**slice_kwargs)
+        if subset not in ("ARC-Easy", "ARC-Challenge"):
+            raise ValueError(f"ARC subset must be 'ARC-Easy' or 'ARC-Challenge', got {subset!r}")
+        if split not in ("train", "validation", "test"):
+            raise ValueError(f"ARC split must be train, validation or test, got {split!r}")
+        self.subset, self.split = subset, split
+        self.rows = ShuffledRows(_load("ARC", subset, split, data_dir))
+
+    def num_examples(self) -> int:
+        return len(self.rows)
+
+    def get_example(self, index: int) -> dict:
+        row = self.rows[index]
+        labels, texts, answer = row["choices"]["label"], row["choices"]["text"], row["answerKey"]
+        if answer not in labels:
+            raise ValueError(f"ARC {self.subset}/{self.split} example {index}: answerKey {answer!r} not in {labels}")
+        return _mc_conversation(row["question"], labels, texts, answer)
+
+
+class MMLU(_Categorical):
+    letters = ("A", "B", "C", "D")
+
+    def __init__(self, subset: str = "all", split: str = "test", data_dir=None, **slice_kwargs):
+        super().__init__(**slice_kwargs)
+        if subset == "auxiliary_train" and split != "train":
+            raise ValueError("MMLU subset 'auxiliary_train' only has split 'train'")
+        self.subset, self.split = subset, split
+        dataset = _load("MMLU", subset, split, data_dir)
+        indices = None
+        if data_dir is not None and subset not in ("all", "auxiliary_train"):  # a subject of the local file
+            subjects = dataset["subject"]
+            indices = [i for i, s in enumerate(subjects) if s == subset]
+            if not indices:
+                raise ValueError(f"MMLU subject {subset!r} not found in the local {split} file")
+        self.rows = ShuffledRows(dataset, indices)
+
+    def num_examples(self) -> int:
+        return len(self.rows)
+
+    def get_example(self, index: int) -> dict:
+        row = self.rows[index]
+        if "train" in row and isinstance(row["train"], dict):  # hub auxiliary_train nests each row
+            row = row["train"]
+        if len(row["choices"]) != 4:
+            raise ValueError(f"MMLU example {index}: expected 4 choices, got {len(row['choices'])}")
+        conversation = _mc_conversation(row["question"], self.letters, row["choices"], self.letters[row["answer"]])
+        conversation["subject"] = row["subject"]
+        return conversation
+
+
+GSM8K_ANSWER_RE = re.compile(r"#### (\-?[0-9\.\,]+)")
+_CALCULATOR_RE = re.compile(r"(<<[^>]+>>)")
+
+
+def extract_gsm8k_answer(text: str) -> str | None:
+    """The number after '#### ', commas removed; None without the marker."""
+    match = GSM8K_ANSWER_RE.search(text)
+    return None if match is None else match.group(1).strip().replace(",", "")
+
+
+def parse_gsm8k_answer(answer: str) -> list[dict]:
+    """A GSM8K answer as assistant parts: each <<expr=result>> becomes a python part (expr,
+    split at the LAST '=') and a python_output part (result); the text around them text parts."""
+    parts = []
+    for piece in _CALCULATOR_RE.split(answer):
+        if piece.startswith("<<") and piece.endswith(">>"):
+            inner = piece[2:-2]
+            expr, result = inner.rsplit("=", 1) if "=" in inner else (inner, "")
+            parts.append({"type": "python", "text": expr})
+            parts.append({"type": "python_output", "text": result})
+        elif piece:  # empty text between adjacent spans would render to nothing
+            parts.append({"type": "text", "text": piece})
+    return parts
+
+
+class GSM8K(Task):
+    eval_type = "generative"
+
+    def __init__(self, subset: str = "main", split: str = "test", data_dir=None, **slice_kwargs):
+        super().__init__(**slice_kwargs)
+        if subset not in ("main", "socratic"):
+            raise ValueError(f"GSM8K subset must be 'main' or 'socratic', got {subset!r}")
+        if split not in ("train", "test"):
+            raise ValueError(f"GSM8K split must be train or test, got {split!r}")
+        self.rows = ShuffledRows(_load("GSM8K", subset, split, data_dir))
+
+    def num_examples(self) -> int:
+        return len(self.rows)
+
+    def get_example(self, index: int) -> dict:
+        row = self.rows[index]
+        return {
+            "messages": [
+                {"role": "user", "content": row["question"]},
+                {"role": "assistant", "content": parse_gsm8k_answer(row["answer"])},
+            ]
+        }
+
+    def evaluate(self, conversation: dict, completion: str) -> bool:
+        """The completion's '#### N' equals the gold one (a completion without it is wrong)."""
+        reference = extract_gsm8k_answer(conversation["messages"][-1]["content"][-1]["text"])
+        predicted = extract_gsm8k_answer(completion)
+        return predicted is not None and predicted == reference
+
+    def reward(self, conversation: dict, completion: str) -> float:
+        return float(self.evaluate(conversation, completion))
+
+
+_CODE_BLOCK_RE = re.compile(r"```(?:python)?\s*\n(.*?)\n```", re.DOTALL)
+
+
+def extract_imports(prompt: str) -> str:
+    """The import lines heading a HumanEval prompt (blank and comment lines skipped)."""
+    imports = []
+    for line in prompt.split("\n"):
+        stripped = line.strip()
+        if stripped.startswith("import ") or stripped.startswith("from "):
+            imports.append(stripped)
+        elif stripped and not stripped.startswith("#"):
+            break
+    return "\n".join(imports)
+
+
+def extract_code(completion: str) -> str:
+    """Body of the first fenced code block, else the whole completion (both stripped)."""
+    match = _CODE_BLOCK_RE.search(completion)
+    return (match.group(1) if match else completion).strip()
+
+
+def humaneval_program(conversation: dict, completion: str) -> str:
+    """The program that passes iff the completion solves the problem (spec/08 §4)."""
+    imports = extract_imports(conversation["messages"][0]["content"])
+    code = extract_code(completion)
+    return imports + "\n\n" + code + "\n\n" + conversation["test"] + "\n" + f"check({conversation['entry_point']})"
+
+
+class HumanEval(Task):
+    eval_type = "generative"
+
+    def __init__(self, data_dir=None, **slice_kwargs):
+        super().__init__(**slice_kwargs)
+        self.rows = ShuffledRows(_load("HumanEval", "openai_humaneval", "test", data_dir))
+
+    def num_examples(self) -> int:
+        return len(self.rows)
+
+    def get_example(self, index: int) -> dict:
+        row = self.rows[index]
+        return {
+            "messages": [
+                {"role": "user", "content": row["prompt"]},
+                {"role": "assistant", "content": row["prompt"] + "\n" + row["canonical_solution"]},
+            ],
+            "entry_point": row["entry_point"],
+            "test": row["test"],
+        }
+
+    def evaluate(self, conversation: dict, completion: str) -> bool:
+        from model.execution import execute_code  # sandbox: only needed when scoring
+
+        return bool(execute_code(humaneval_program(conversation, completion)).success)
+
+
+CHAT_EVAL_TASKS = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval")
+CHATCORE_BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0}
+CATEGORICAL_TASKS = ("ARC-Easy", "ARC-Challenge", "MMLU")
+
+
+def chat_eval_task(name: str, data_dir: str | os.PathLike | None = None) -> Task:
+    """The chat-eval task of the reference's task table (all on their test split)."""
+    if name in ("ARC-Easy", "ARC-Challenge"):
+        return ARC(name, "test", data_dir)
+    if name == "MMLU":
+        return MMLU("all", "test", data_dir)
+    if name == "GSM8K":
+        return GSM8K("main", "test", data_dir)
+    if name == "HumanEval":
+        return HumanEval(data_dir)
+    raise ValueError(f"unknown chat eval task {name!r}; choose from {CHAT_EVAL_TASKS}")
+
+
+def chatcore(accuracies: dict[str, float]) -> dict:
+    """Mean baseline-centred accuracy, (acc - b) / (1 - b): over all five tasks (`chatcore`) and
+    over the three multiple-choice ones (`chatcore_cat`); None where a needed task is missing."""
+
+    def centred_mean(names: Sequence[str]) -> float | None:
+        if any(name not in accuracies for name in names):
+            return None
+        return sum((accuracies[n] - CHATCORE_BASELINES[n]) / (1 - CHATCORE_BASELINES[n]) for n in names) / len(names)
+
+    return {"chatcore": centred_mean(CHAT_EVAL_TASKS), "chatcore_cat": centred_mean(CATEGORICAL_TASKS)}
+
+
+# --- SFT data ---------------------------------------------------------------------------------
+
+
+def check_training_conversation(conversation: dict, where: str) -> None:
+    """A training conversation: valid chat format with at least one assistant reply."""
+    try:
+        messages = check_conversation(conversation)
+    except ConversationError as e:
+        raise ConversationError(f"{where}: {e}") from None
+    if len(messages) < 2:
+        raise ConversationError(f"{where}: a training conversation needs a user message and an assistant reply")
+
+
+class SmolTalk(Task):
+    """HuggingFaceTB/smol-smoltalk (hub only): general conversations, split train or test."""
+
+    def __init__(self, split: str = "train", **slice_kwargs):
+        super().__init__(**slice_kwargs)
+        if split not in ("train", "test"):
+            raise ValueError(f"SmolTalk split must be train or test, got {split!r}")
+        self.split = split
+        self.rows = ShuffledRows(_load("SmolTalk", None, split, None))
+
+    def num_examples(self) -> int:
+        return len(self.rows)
+
+    def get_example(self, index: int) -> dict:
+        conversation = {"messages": self.rows[index]["messages"]}
+        check_training_conversation(conversation, f"SmolTalk {self.split} example {index}")
+        if any(not isinstance(m["content"], str) for m in conversation["messages"]):
+            raise ConversationError(f"SmolTalk {self.split} example {index}: every content must be a string")
+        return conversation
+
+
+def _row_labels(path: Path, count: int) -> list[str]:
+    """'file:line' for each row of a jsonl file (blank lines are skipped by the reader);
+    'file:row N' (1-based) for parquet."""
+    if path.suffix == ".parquet":
+        return [f"{path.name}:row {i + 1}" for i in range(count)]
+    with open(path, "rb") as f:
+        lines = [n for n, line in enumerate(f, start=1) if line.strip()]
+    return [f"{path.name}:{n}" for n in lines] if len(lines) == count else [f"{path.name}:row {i + 1}" for i in range(count)]
+
+
+def _load_conversation_file(path: Path):
+    """(rows, labels): rows indexable to {"messages": [...]}, each validated up front."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"SFT data file {path} not found")
+    try:
+        rows = load_local_file(path)
+    except Exception as e:
+        if path.suffix == ".parquet":
+            raise ValueError(f"{path}: cannot read as parquet: {e}") from e
+        rows = _parse_jsonl_strict(path)  # names the bad line, or copes with mixed content types
+    if len(rows) == 0:
+        raise ValueError(f"{path}: no conversations")
+    labels = _row_labels(path, len(rows))
+    if not isinstance(rows, list) and "messages" not in rows.column_names:
+        raise ConversationError(f"{labels[0]}: rows have no 'messages' key (columns: {rows.column_names})")
+    for i, messages in enumerate(_messages_column(rows)):
+        if messages is None:
+            raise ConversationError(f"{labels[i]}: row has no 'messages' key")
+        check_training_conversation({"messages": messages}, labels[i])
+    return rows, labels
+
+
+def _messages_column(rows) -> Iterator:
+    """Every row's messages, in bounded memory for a large `datasets.Dataset`."""
+    if isinstance(rows, list):
+        yield from (row.get("messages") for row in rows)
+        return
+    for batch in rows.select_columns(["messages"]).iter(batch_size=4096):
+        yield from batch["messages"]
+
+
+def _parse_jsonl_strict(path: Path) -> list[dict]:
+    import json
+
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConversationError(f"{path.name}:{n}: not valid JSON ({e.msg}); {path}") from None
+            if not isinstance(row, dict):
+                raise ConversationError(f"{path.name}:{n}: a row must be a JSON object with a 'messages' list")
+            rows.append(row)
+    return rows
+
+
+class LocalConversations(Task):
+    """Conversations of local jsonl/parquet files (rows `{"messages": [...]}`), one split of them.
+
+    Held-out val split (deterministic, disjoint from train): all files' rows are concatenated in
+    the order given, permuted with numpy.random.default_rng(42); the LAST max(1, n // 50)
+    positions of that permutation (2 %) are `val`, the rest `train`, each in permutation order.
+    Every row is validated at load; errors name `file:line`. Examples carry `source` = `file:line`.
+    """
+
+    def __init__(self, paths: Sequence[str | os.PathLike], split: str = "train", **slice_kwargs):
+        super().__init__(**slice_kwargs)
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        if isinstance(paths, (str, os.PathLike)) or not paths:
+            raise ValueError("paths must be a non-empty list of .jsonl/.parquet files")
+        self.files = [_load_conversation_file(Path(p)) for p in paths]
+        offsets = np.cumsum([0] + [len(rows) for rows, _ in self.files])
+        total = int(offsets[-1])
+        if total < 2:
+            raise ValueError(f"{list(paths)} hold {total} conversation(s); need at least 2 for a train/val split")
+        n_val = max(1, total // 50)
+        order = np.random.default_rng(SHUFFLE_SEED).permutation(total)
+        self.order = order[total - n_val:] if split == "val" else order[: total - n_val]
+        self.offsets = offsets
+        self.split = split
+
+    def num_examples(self) -> int:
+        return len(self.order)
+
+    def get_example(self, index: int) -> dict:
+        g = int(self.order[index])
+        f = int(np.searchsorted(self.offsets, g, side="right")) - 1
+        rows, labels = self.files[f]
+        r = g - int(self.offsets[f])
+        return {"messages": rows[r]["messages"], "source": labels[r]}
+
+
+def sft_mixture(split: str, data: Sequence[str | os.PathLike] | None = None, mmlu_epochs: int = 3,
+                gsm8k_epochs: int = 4) -> TaskMixture:
+    """The SFT conversations of one split ("train" | "val").
+
+    data=None: the reference hub mixture (spec/08 §5.3): train = SmolTalk train + MMLU
+    auxiliary_train x mmlu_epochs + GSM8K main train x gsm8k_epochs; val = SmolTalk test + MMLU
+    test[:5200] + GSM8K test[:420]. data=[files]: those local conversation files, split into
+    train/val as `LocalConversations` says (the epoch counts do not apply).
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if data is not None:
+        return TaskMixture([LocalConversations(list(data), split)])
+    for name, epochs in (("mmlu_epochs", mmlu_epochs), ("gsm8k_epochs", gsm8k_epochs)):
+        if not isinstance(epochs, int) or epochs < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {epochs!r}")
+    if split == "train":
+        mmlu, gsm8k = MMLU("auxiliary_train", "train"), GSM8K("main", "train")
+        return TaskMixture([SmolTalk("train")] + [mmlu] * mmlu_epochs + [gsm8k] * gsm8k_epochs)
+    return TaskMixture([SmolTalk("test"), MMLU("all", "test", stop=5200), GSM8K("main", "test", stop=420)])
