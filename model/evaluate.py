@@ -24,6 +24,7 @@ from model.common import autodetect_device_type, compute_init
 from model.core_eval import evaluate_core, write_core_csv
 from model.data import read_shard_paths
 from model.dataloader import BestFitLoader
+from model.engine import Engine
 from model.eval_bundle import load_bundle
 from model.loss_eval import evaluate_bpb
 from model.tokenizer import Tokenizer, load_token_bytes
@@ -78,16 +79,16 @@ def main(argv: list[str] | None = None) -> dict:
     summary: dict = {"step": step, "model_config": meta["model_config"]}
 
     if "sample" in args.modes and master:
+        engine, bos = Engine(model, tokenizer), tokenizer.get_bos_token_id()
+        prompts = [tokenizer.encode(prompt, prepend=bos) for prompt in SAMPLE_PROMPTS]
+        completions = engine.generate_prompts(prompts, max_tokens=16, temperature=0.0)  # greedy, batched
         samples = []
-        for prompt in SAMPLE_PROMPTS:
-            ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
-            completion = tokenizer.decode(list(model.generate(ids, max_tokens=16, temperature=0)))
-            samples.append({"prompt": prompt, "completion": completion})
-            say(f"sample | {prompt}{completion}")
-        bos = [tokenizer.get_bos_token_id()]
-        for i in range(8):  # unconditioned samples from BOS alone (spec/07 §5)
-            text = tokenizer.decode(list(model.generate(bos, max_tokens=128, temperature=1.0, seed=42 + i)))
-            samples.append({"prompt": "", "completion": text})
+        for prompt, tokens in zip(SAMPLE_PROMPTS, completions):
+            samples.append({"prompt": prompt, "completion": tokenizer.decode(tokens)})
+            say(f"sample | {prompt}{samples[-1]['completion']}")
+        # 8 unconditioned samples from BOS alone, one engine call (spec/07 §5)
+        sequences, _ = engine.generate_batch([bos], num_samples=8, max_tokens=128, temperature=1.0)
+        samples += [{"prompt": "", "completion": tokenizer.decode(seq[1:])} for seq in sequences]
         summary["samples"] = samples
 
     if "bpb" in args.modes:

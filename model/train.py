@@ -33,6 +33,7 @@ from model import checkpoint as ckpt  # noqa: E402
 from model.common import COMPUTE_DTYPE, autodetect_device_type, compute_init, get_peak_flops, synchronize  # noqa: E402
 from model.data import read_shard_paths  # noqa: E402
 from model.dataloader import BestFitLoader, val_loader  # noqa: E402
+from model.engine import Engine  # noqa: E402
 from model.gpt import GPT, GPTConfig  # noqa: E402
 from model.loss_eval import evaluate_bpb  # noqa: E402
 from model.optim import get_lr_multiplier, get_muon_momentum, get_weight_decay  # noqa: E402
@@ -281,10 +282,10 @@ def main(argv: list[str] | None = None) -> dict:
         if args.sample_every > 0 and master and (last_step or (step > 0 and step % args.sample_every == 0)):
             orig_model.eval()
             with disable_fp8(orig_model):
-                for prompt in SAMPLE_PROMPTS:
-                    ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
-                    out = list(orig_model.generate(ids, max_tokens=16, temperature=0))
-                    say(f"sample | {prompt}{tokenizer.decode(out)}")
+                prompts = [tokenizer.encode(p, prepend=tokenizer.get_bos_token_id()) for p in SAMPLE_PROMPTS]
+                completions = Engine(orig_model, tokenizer).generate_prompts(prompts, max_tokens=16)
+                for prompt, tokens in zip(SAMPLE_PROMPTS, completions):
+                    say(f"sample | {prompt}{tokenizer.decode(tokens)}")
             orig_model.train()
 
         if last_step or (step > 0 and step != resume_step and args.save_every > 0 and step % args.save_every == 0):

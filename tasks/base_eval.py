@@ -24,6 +24,7 @@ BASE_EVAL = StageDef("base_eval", version=1, code=(
     "tasks/base_eval.py", "tasks/launch.py", "kernels/*.py",
     "model/evaluate.py", "model/core_eval.py", "model/eval_bundle.py", "model/gpt.py", "model/checkpoint.py",
     "model/loss_eval.py", "model/dataloader.py", "model/data.py", "model/tokenizer.py", "model/common.py",
+    "model/engine.py",
 ))
 
 

@@ -26,7 +26,7 @@ PRETRAIN = StageDef("pretrain", version=1, code=(
     "tasks/pretrain.py", "tasks/launch.py", "kernels/*.py",
     "model/train.py", "model/gpt.py", "model/optim.py", "model/data.py", "model/dataloader.py", "model/tokenizer.py",
     "model/loss_eval.py", "model/checkpoint.py", "model/common.py", "model/sizing.py",
-    "model/core_eval.py", "model/eval_bundle.py",
+    "model/core_eval.py", "model/eval_bundle.py", "model/engine.py",
 ))
 # Options that change how a run is launched or logged, not what it computes.
 NOT_IN_KEY = {"run"}

@@ -1,7 +1,6 @@
 """tasks.eval_bundle.fetch_bundle: a directory, a local zip, a zip over real HTTP, and the failure cases."""
 
 import http.server
-import shutil
 import threading
 import zipfile
 from functools import partial
