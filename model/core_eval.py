@@ -431,10 +431,14 @@ def evaluate_examples_batched(model, examples: Sequence[PreparedExample], pad_id
 
 def evaluate_task(model, tokenizer, task: CoreTask, data: Sequence[dict], *, device, batched: bool = True,
                   token_budget: int | None = None, rank: int = 0, world_size: int = 1,
-                  tie_tolerance: float | None = None, stats: BatchedStats | None = None) -> list[int]:
+                  tie_tolerance: float | None = None, stats: BatchedStats | None = None,
+                  max_context: int | None = None) -> list[int]:
     """Per-item 0/1 over the (shuffled, capped) `data`; rank r evaluates items r, r+W, ... and the
-    results are summed over ranks, so every rank returns the full list."""
+    results are summed over ranks, so every rank returns the full list. `max_context` caps the prompt
+    length below the model's own limit (the reference's truncation rule: keep the last tokens)."""
     limit = context_limit(model)
+    if max_context is not None:
+        limit = max_context if limit is None else min(limit, max_context)
     pad_id = tokenizer.get_bos_token_id()
     mine = list(range(rank, len(data), world_size))
     examples = prepare_examples(tokenizer, task, data, mine, limit)
@@ -467,14 +471,14 @@ def core_metric(centered_results: dict[str, float]) -> float:
 
 def evaluate_core(model, tokenizer, bundle: Bundle, *, max_per_task: int = -1, device, batched: bool = True,
                   rank: int = 0, world_size: int = 1, log: Callable[[str], Any] = print,
-                  token_budget: int | None = None) -> dict:
+                  token_budget: int | None = None, max_context: int | None = None) -> dict:
     """Evaluate every task of the bundle; accuracy, centred accuracy and time per task are logged on rank 0."""
     results, centered_results, decisions = {}, {}, {}
     for task in bundle.tasks:
         t0 = time.time()
         data = prepare_task_data(load_task_data(task), max_per_task)
         outcome = evaluate_task(model, tokenizer, task, data, device=device, batched=batched,
-                                token_budget=token_budget, rank=rank, world_size=world_size)
+                                token_budget=token_budget, rank=rank, world_size=world_size, max_context=max_context)
         accuracy = sum(outcome) / len(outcome) if outcome else 0.0
         results[task.label] = accuracy
         centered_results[task.label] = centered(accuracy, task.baseline)

@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--bundle-dir", help="CORE eval bundle directory (needed for core)")
     a("--allow-missing-tasks", action="store_true", help="average CORE over the tasks present")
     a("--core-token-budget", type=int, default=0, help="tokens per batched CORE forward (0 = default)")
+    a("--max-context", type=int, default=-1,
+      help="CORE prompts keep at most their last N tokens (-1 = only the model's own limit, as the reference)")
     a("--out-dir", required=True)
     args = p.parse_args(argv)
     modes = [m.strip() for m in args.eval.split(",") if m.strip()]
@@ -106,7 +108,8 @@ def main(argv: list[str] | None = None) -> dict:
         bundle = load_bundle(Path(args.bundle_dir), allow_missing=args.allow_missing_tasks)
         kwargs = {"token_budget": args.core_token_budget} if args.core_token_budget > 0 else {}
         core = evaluate_core(model, tokenizer, bundle, max_per_task=args.max_per_task, device=device,
-                             rank=rank, world_size=world, log=say, **kwargs)
+                             rank=rank, world_size=world, log=say,
+                             max_context=args.max_context if args.max_context > 0 else None, **kwargs)
         summary.update(core_metric=core["core_metric"], core_results=core["results"],
                        core_centered=core["centered_results"], core_tasks=core["core_tasks"],
                        missing_tasks=core["missing_tasks"])

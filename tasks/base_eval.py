@@ -49,6 +49,8 @@ def base_eval_stage(section: dict, upstream: dict, store: str, options: dict, re
                 f"--checkpoint-dir={Path(upstream['pretrain']['path']) / 'checkpoint'}",
                 f"--tokenizer-dir={upstream['tokenizer']['path']}", f"--data-dir={upstream['shards']['path']}",
                 f"--bundle-dir={Path(upstream['eval_bundle']['path']) / BUNDLE_DIR}", f"--out-dir={out}"]
+        if section["max_context"] is not None:
+            args.append(f"--max-context={section['max_context']}")
         if section["allow_missing_tasks"]:
             args.append("--allow-missing-tasks")
         if section["device_type"] != "auto":

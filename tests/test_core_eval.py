@@ -20,7 +20,8 @@ import torch
 
 from model.core_eval import (BatchedStats, PreparedExample, _score_batch, batched_decision, centered, core_metric,
                              evaluate_core, evaluate_example_reference, evaluate_task, evaluation_mode, first_argmin,
-                             fewshot_examples, pack_batches, prepare_example, prepare_task_data, render_prompts,
+                             fewshot_examples, pack_batches, prepare_example, prepare_examples, prepare_task_data,
+                             render_prompts,
                              tokenize_example, truncate_to_limit, write_core_csv)
 from model.eval_bundle import load_bundle, load_task_data
 
@@ -371,3 +372,20 @@ def test_two_ranks_equal_one_rank(trained_model, tokenizer, bundle, tmp_path):
         assert result["decisions"] == single["decisions"]
         assert result["results"] == single["results"]
         assert result["core_metric"] == single["core_metric"]
+
+
+def test_max_context_option_truncates_like_the_models_max_seq_len(trained_model, tokenizer, bundle):
+    """`max_context` (base_eval.max_context) applies the same keep-the-last-tokens rule as a model limit."""
+    task = task_by_label(bundle, "piqa")  # 10-shot prompts run far past 128 tokens
+    data = prepare_task_data(load_task_data(task), MAX_PER_TASK)
+    with_limit = evaluate_task(trained_model, tokenizer, task, data, device="cpu", batched=False)
+    saved = trained_model.max_seq_len
+    try:
+        del trained_model.max_seq_len  # now only the rotary range limits the prompts
+        capped = evaluate_task(trained_model, tokenizer, task, data, device="cpu", max_context=saved)
+        assert capped == with_limit
+        longest = [max(len(s) for ex in prepare_examples(tokenizer, task, data, list(range(len(data))), limit)
+                       for s in ex.sequences) for limit in (None, saved)]
+        assert longest[0] > saved >= longest[1]  # the cap really cut prompts
+    finally:
+        trained_model.max_seq_len = saved
