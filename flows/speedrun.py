@@ -1,4 +1,6 @@
-"""The speedrun flow: shards -> tokenizer -> eval_bundle -> pretrain -> base_eval, each stage a cached Prefect task.
+"""The speedrun flow: shards -> tokenizer -> eval_bundle -> pretrain -> base_eval -> sft -> chat_eval -> report.
+
+Each stage is a cached Prefect task.
 
 Reads like the shell script it replaces (nanochat's runs/speedrun.sh): fetch data, train the tokenizer,
 and so on. A stage whose inputs, config and code are unchanged comes back `Cached`; `refresh` re-executes
@@ -20,9 +22,12 @@ from prefect import flow, get_run_logger
 
 from tasks.base_eval import base_eval_options, base_eval_section, base_eval_stage
 from tasks.cache import with_store
+from tasks.chat_eval import chat_eval_options, chat_eval_section, chat_eval_stage
 from tasks.config import STAGES, ConfigError, SpeedrunConfig, load_config, parse_set
 from tasks.eval_bundle import eval_bundle_section, eval_bundle_stage
 from tasks.pretrain import pretrain_options, pretrain_section, pretrain_stage, pretrain_upstream
+from tasks.report import report_options, report_section, report_stage
+from tasks.sft import sft_options, sft_section, sft_stage
 from tasks.shards import shards_options, shards_section, shards_stage
 from tasks.store import Store, atomic_write_json
 from tasks.tokenizer import tokenizer_section, tokenizer_stage
@@ -95,6 +100,7 @@ def speedrun(preset: str = "smoke", overrides: dict | None = None, refresh: list
              mirror: str | None = None, store: str | None = None, until: str | None = None) -> dict:
     cfg = load_config(preset, overrides, mirror=mirror, store=store)  # validated before any stage runs
     check_until(until)
+    report_config = report_section(cfg)  # a missing regression baseline fails now, not after training
     graph = {**UPSTREAM, "pretrain": pretrain_upstream(cfg)}
     run = StageRunner(cfg, refresh, graph, until)
     logger = get_run_logger()
@@ -109,6 +115,9 @@ def speedrun(preset: str = "smoke", overrides: dict | None = None, refresh: list
     run("eval_bundle", eval_bundle_stage, eval_bundle_section(cfg))
     pretrain = run("pretrain", pretrain_stage, pretrain_section(cfg), pretrain_options(cfg))
     base_eval = run("base_eval", base_eval_stage, base_eval_section(cfg), base_eval_options(cfg))
+    sft = run("sft", sft_stage, sft_section(cfg), sft_options(cfg))
+    chat_eval = run("chat_eval", chat_eval_stage, chat_eval_section(cfg), chat_eval_options(cfg))
+    report = run("report", report_stage, report_config, report_options(cfg))  # raises RegressionDetected
 
     summary = {"preset": preset, "store": cfg.runtime.store, "plan": cfg.plan.as_dict(),
                "train_shards": shards["metrics"]["train_shards"]}
@@ -119,11 +128,20 @@ def speedrun(preset: str = "smoke", overrides: dict | None = None, refresh: list
         summary.update({k: pretrain["metrics"][k] for k in LEADERBOARD_KEYS})
     if base_eval:
         summary.update({k: base_eval["metrics"][k] for k in EVAL_KEYS})
+    if sft:
+        summary.update({f"sft_{k}": sft["metrics"].get(k) for k in SFT_KEYS})
+    if chat_eval:
+        summary.update(chatcore=chat_eval["metrics"]["chatcore"], chatcore_cat=chat_eval["metrics"]["chatcore_cat"],
+                       chat_accuracy={t: r["accuracy"] for t, r in chat_eval["metrics"]["tasks"].items()})
+    if report:
+        summary.update(report=str(Path(report["path"]) / "report.md"),
+                       submission=str(Path(report["path"]) / "submission.md"), commit=report["metrics"].get("commit"))
     return {"stages": run.stages, "summary": summary}
 
 
 LEADERBOARD_KEYS = ("total_training_time", "total_training_flops", "min_val_bpb", "step", "mfu", "tok_per_sec")
 EVAL_KEYS = ("core_metric", "core_tasks", "missing_tasks", "train_bpb", "val_bpb")
+SFT_KEYS = ("step", "min_val_bpb", "total_training_time")
 
 
 def check_until(until: str | None) -> None:
@@ -147,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     # Validate before starting Prefect, so a bad config fails in a second, not after server start-up.
     try:
         overrides = parse_set(args.sets)
-        load_config(args.preset, overrides, mirror=args.mirror, store=args.store)
+        report_section(load_config(args.preset, overrides, mirror=args.mirror, store=args.store))
         stages_to_refresh(args.refresh)
         check_until(args.until)
     except ConfigError as e:

@@ -170,6 +170,8 @@ class BaseEvalConfig(Section):
     device_batch_size: int = Field(32, ge=1)
     split_tokens: int = Field(40 * 524_288, gt=0, description="tokens per split for bpb")
     allow_missing_tasks: bool = Field(False, description="average CORE over the tasks present instead of failing")
+    max_context: int | None = Field(None, ge=16, description="CORE prompts keep their last N tokens; None = the "
+                                    "model's own limit (the reference; at speedrun sizes nothing is cut)")
 
     @field_validator("max_per_task")
     @classmethod
@@ -207,6 +209,7 @@ class SFTConfig(Section):
     chatcore_every: int = 200
     chatcore_max_cat: int = -1
     chatcore_max_sample: int = 24
+    chatcore_max_new_tokens: int = Field(512, ge=1, description="generation limit for ChatCORE during SFT")
     mmlu_epochs: int = Field(3, ge=0)
     gsm8k_epochs: int = Field(4, ge=0)
     save_every: int = -1
@@ -479,6 +482,9 @@ def resolve_config(cfg: SpeedrunConfig) -> SpeedrunConfig:
     for path in sft.data or []:
         if _is_local(path) and not Path(path).exists():
             problems.append(f"sft.data: {path} does not exist; fix: list existing jsonl/parquet files")
+    if chat_eval.data_dir and _is_local(chat_eval.data_dir) and not Path(chat_eval.data_dir).is_dir():
+        problems.append(f"chat_eval.data_dir: {chat_eval.data_dir} is not a directory; fix: point it at a directory "
+                        "laid out like shared/data/chat_eval (arc/, mmlu/, gsm8k/, humaneval/), or unset it for the hub")
     if problems:
         raise ConfigError(problems)
     return build_config({**cfg.model_dump(), "data": data.model_dump(), "base_eval": base_eval.model_dump(),

@@ -53,6 +53,22 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def content_digest(source: str) -> str:
+    """What a stage key holds for an input named by path: the sha256 of a local file's bytes, or of a local
+    directory's (relative path, sha256) listing, so moving the data elsewhere keeps the key and editing it
+    changes the key. A URL or hub name is its own identity and comes back unchanged."""
+    if "://" in source and not source.startswith("file://"):
+        return source
+    path = Path(source.removeprefix("file://")).expanduser()
+    if path.is_file():
+        return sha256_file(path)
+    if path.is_dir():
+        listing = {p.relative_to(path).as_posix(): sha256_file(p) for p in sorted(path.rglob("*"))
+                   if p.is_file() and not p.name.startswith(".")}
+        return sha256_bytes(canonical_json(listing))
+    raise FileNotFoundError(f"{source} does not exist; fix: point the config at an existing file or directory")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a unique temp file beside `path`, fsync, then rename over it."""
     path.parent.mkdir(parents=True, exist_ok=True)

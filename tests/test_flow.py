@@ -23,7 +23,7 @@ from tasks.download import ShardSourceError
 from tasks.store import read_manifest, sha256_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-STAGES_RUN = ("shards", "tokenizer", "eval_bundle", "pretrain", "base_eval")
+STAGES_RUN = ("shards", "tokenizer", "eval_bundle", "pretrain", "base_eval", "sft", "chat_eval", "report")
 
 
 def expect(default: str, until: str | None = "pretrain", **states: str) -> dict:
@@ -71,6 +71,15 @@ def test_first_run_completes_and_rerun_is_cached(run):
     assert -1.0 <= summary["core_metric"] <= 1.0 and summary["val_bpb"] > 0
     evaluated = artifact(run, "base_eval")
     assert {"summary.json", "core.json", "base_model_000020.csv", "log.txt"} <= {p.name for p in evaluated.iterdir()}
+    sft = artifact(run, "sft")
+    assert (sft / "checkpoint" / "model_000020.pt").is_file() and (sft / "tokenizer" / "tokenizer.json").is_file()
+    assert summary["sft_step"] == 20 and summary["sft_min_val_bpb"] > 0
+    assert set(summary["chat_accuracy"]) == {"ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval"}
+    assert all(0.0 <= a <= 1.0 for a in summary["chat_accuracy"].values())
+    assert summary["chatcore"] is not None
+    report = artifact(run, "report")
+    assert {"report.md", "summary.json", "submission.md"} <= {p.name for p in report.iterdir()}
+    assert json.loads((report / "summary.json").read_text())["core_metric"] == summary["core_metric"]
     assert run(until=None) == expect("Cached", until=None)
     assert {k: v["key"] for k, v in run.last["stages"].items()} == {k: v["key"] for k, v in first["stages"].items()}
 
@@ -171,7 +180,7 @@ def test_refresh_closure():
 # ---------------------------------------------------------------------------------------------
 # the CLI, as a user runs it (embedded Prefect in a subprocess)
 
-def cli(cwd: Path, *args: str, env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
+def cli(cwd: Path, *args: str, env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "flows.speedrun", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -214,12 +223,12 @@ def test_cli_summary_json_cached_rerun_and_source_edit(cli_env, shared_data, tmp
     for stage in s0["stages"].values():
         assert set(stage) == {"state", "key", "seconds", "artifact"} and Path(stage["artifact"]).is_dir()
 
-    with open(repo / "model" / "tokenizer.py", "a") as f:
+    # An edit to the code one stage executes re-executes that stage and what reads its output, nothing else.
+    with open(repo / "tasks" / "chat_eval.py", "a") as f:
         f.write("\n# an edit that changes the code fingerprint\n")
     proc = cli(repo, *args, "--summary-json", str(tmp_path / "s2.json"), env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert states(tmp_path / "s2.json") == \
-        expect("Cached", until=None, tokenizer="Completed", pretrain="Completed", base_eval="Completed")
+    assert states(tmp_path / "s2.json") == expect("Cached", until=None, chat_eval="Completed", report="Completed")
 
 
 def torchrun_pids(marker: str) -> list[int]:

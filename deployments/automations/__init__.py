@@ -1,0 +1,1 @@
+"""Prefect automations for the speedrun deployments (alerts on failed runs)."""

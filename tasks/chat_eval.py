@@ -1,0 +1,65 @@
+"""The chat_eval stage: ARC-Easy/Challenge, MMLU, GSM8K, HumanEval and ChatCORE of the SFT model (model/chat_eval.py).
+
+Keyed on the sft artifact, the chat-eval options and the content of the local task files (or the hub
+names), run under torchrun like the other model stages. The artifact holds summary.json (per-task
+accuracy, passed/total, chatcore), one <task>.jsonl of per-problem records per task, and the log.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from prefect.logging import get_run_logger
+
+from tasks.cache import StageOutput, run_stage, stage_task
+from tasks.config import SpeedrunConfig
+from tasks.launch import run_torchrun, torchrun_options
+from tasks.store import StageDef, content_digest
+
+CHAT_EVAL = StageDef("chat_eval", version=1, code=(
+    "tasks/chat_eval.py", "tasks/launch.py", "kernels/*.py",
+    "model/chat_eval.py", "model/chat_data.py", "model/engine.py", "model/execution.py", "model/gpt.py",
+    "model/tokenizer.py", "model/checkpoint.py", "model/common.py",
+))
+
+
+def chat_eval_section(cfg: SpeedrunConfig) -> dict:
+    section = cfg.chat_eval.model_dump(exclude={"data_dir"})
+    section["data"] = content_digest(cfg.chat_eval.data_dir) if cfg.chat_eval.data_dir else None
+    section["device_type"] = cfg.runtime.device_type or "auto"
+    return section
+
+
+def chat_eval_options(cfg: SpeedrunConfig) -> dict:
+    return {"torchrun": torchrun_options(cfg.runtime), "data_dir": cfg.chat_eval.data_dir}
+
+
+@stage_task(CHAT_EVAL)
+def chat_eval_stage(section: dict, upstream: dict, store: str, options: dict, rebuild: bool = False) -> dict:
+    logger = get_run_logger()
+
+    def build(art: Path, work: Path) -> StageOutput:
+        out = work / "out"
+        sft = Path(upstream["sft"]["path"])
+        args = [f"--checkpoint-dir={sft / 'checkpoint'}", f"--tokenizer-dir={sft / 'tokenizer'}",
+                f"--tasks={section['tasks']}", f"--temperature={section['temperature']}",
+                f"--max-new-tokens={section['max_new_tokens']}", f"--num-samples={section['num_samples']}",
+                f"--top-k={section['top_k']}", f"--batch-size={section['batch_size']}", f"--out-dir={out}"]
+        if section["max_problems"] is not None:
+            args.append(f"--max-problems={section['max_problems']}")
+        if options["data_dir"]:
+            args.append(f"--data-dir={options['data_dir']}")
+        if section["device_type"] != "auto":
+            args.append(f"--device-type={section['device_type']}")
+        run_torchrun("model.chat_eval", args, log_path=work / "log.txt", log=logger.info, **options["torchrun"])
+        for produced in out.iterdir():
+            shutil.copy2(produced, art / produced.name)
+        shutil.copy2(work / "log.txt", art / "log.txt")
+        summary = json.loads((out / "summary.json").read_text())
+        metrics = {"tasks": summary["tasks"], "chatcore": summary.get("chatcore"),
+                   "chatcore_cat": summary.get("chatcore_cat")}
+        return StageOutput(metrics=metrics)
+
+    return run_stage(CHAT_EVAL, section, upstream, store, rebuild, build)

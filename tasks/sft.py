@@ -1,0 +1,107 @@
+"""The sft stage: supervised fine-tuning of the final pretrain checkpoint under torchrun (model/sft.py).
+
+Keyed on the pretrain artifact, the tokenizer, the SFT options and the *content* of the conversation
+files (not their paths), so the same data in another checkout hits the same artifact. Like pretraining,
+the run lives in the artifact's work/ and a retry resumes from its last complete checkpoint. The
+artifact is self-contained for chatting and chat evaluation:
+
+    checkpoint/   model_NNNNNN.pt + meta_NNNNNN.json (+ per-rank optimizer state) of the last step
+    tokenizer/    a copy of the tokenizer files the model was trained with
+    summary.json, metrics.jsonl, log.txt
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from prefect.logging import get_run_logger
+
+from model.tokenizer import META_FILE, RANKS_FILE, TOKEN_BYTES_FILE
+from tasks.cache import StageOutput, run_stage, stage_task
+from tasks.config import SpeedrunConfig
+from tasks.launch import run_torchrun, torchrun_options
+from tasks.store import StageDef, content_digest
+
+SFT = StageDef("sft", version=1, code=(
+    "tasks/sft.py", "tasks/launch.py", "kernels/*.py",
+    "model/sft.py", "model/sft_loader.py", "model/chat_data.py", "model/gpt.py", "model/optim.py",
+    "model/tokenizer.py", "model/loss_eval.py", "model/checkpoint.py", "model/common.py",
+    "model/chat_eval.py", "model/engine.py", "model/execution.py",
+))
+TOKENIZER_FILES = (RANKS_FILE, TOKEN_BYTES_FILE, META_FILE)
+# Options that change how a run is launched, checkpointed or logged, not what it computes.
+NOT_IN_KEY = {"data", "save_every"}
+
+
+def sft_section(cfg: SpeedrunConfig) -> dict:
+    sft = cfg.sft
+    section = {k: v for k, v in sft.model_dump().items() if k not in NOT_IN_KEY}
+    # The data's bytes enter the key; its location does not (a hub name stands for itself).
+    section["data"] = [content_digest(p) for p in sft.data] if sft.data else None
+    section["chat_eval_data"] = (content_digest(cfg.chat_eval.data_dir)
+                                 if sft.chatcore_every > 0 and cfg.chat_eval.data_dir else None)
+    section["device_type"] = cfg.runtime.device_type or "auto"
+    section["world_size"] = cfg.runtime.world_size  # the warm-started optimizer state is per rank
+    return section
+
+
+def sft_options(cfg: SpeedrunConfig) -> dict:
+    return {"torchrun": torchrun_options(cfg.runtime), "wandb_mode": cfg.runtime.wandb_mode,
+            "run": f"{cfg.preset}-sft", "data": list(cfg.sft.data or []), "save_every": cfg.sft.save_every,
+            "chat_eval_dir": cfg.chat_eval.data_dir}
+
+
+def sft_arguments(section: dict, options: dict) -> list[str]:
+    """The section as model.sft flags (kebab-case, the reference's names)."""
+    args = []
+    for name, value in section.items():
+        if name in ("world_size", "data", "chat_eval_data") or value is None:
+            continue
+        if name == "device_type":
+            if value != "auto":
+                args.append(f"--device-type={value}")
+        elif isinstance(value, bool):
+            args.append(f"--{name.replace('_', '-')}={int(value)}")
+        else:
+            args.append(f"--{name.replace('_', '-')}={value}")
+    args.append(f"--save-every={options['save_every']}")
+    if options["data"]:
+        args += ["--data", *options["data"]]
+    if options["chat_eval_dir"]:
+        args.append(f"--chat-eval-dir={options['chat_eval_dir']}")
+    return args
+
+
+@stage_task(SFT)
+def sft_stage(section: dict, upstream: dict, store: str, options: dict, rebuild: bool = False) -> dict:
+    logger = get_run_logger()
+
+    def build(art: Path, work: Path) -> StageOutput:
+        run_dir = work / "run"
+        args = [f"--checkpoint-dir={Path(upstream['pretrain']['path']) / 'checkpoint'}",
+                f"--tokenizer-dir={upstream['tokenizer']['path']}", f"--out-dir={run_dir}", "--resume=auto",
+                f"--run={options['run']}", f"--wandb-mode={options['wandb_mode']}",
+                *sft_arguments(section, options)]
+        run_torchrun("model.sft", args, log_path=work / "log.txt", log=logger.info, **options["torchrun"])
+        summary = json.loads((run_dir / "summary.json").read_text())
+        final = summary["step"]
+        checkpoint = art / "checkpoint"
+        checkpoint.mkdir(exist_ok=True)
+        # Move the final checkpoint out of work/, marker first (see tasks/pretrain.py).
+        (run_dir / "checkpoints" / f"complete_{final:06d}").unlink(missing_ok=True)
+        for src in (run_dir / "checkpoints").glob(f"*_{final:06d}*"):
+            if not src.name.startswith("."):
+                src.replace(checkpoint / src.name)
+        tokenizer = art / "tokenizer"
+        tokenizer.mkdir(exist_ok=True)
+        for name in TOKENIZER_FILES:
+            shutil.copy2(Path(upstream["tokenizer"]["path"]) / name, tokenizer / name)
+        for name in ("summary.json", "metrics.jsonl"):
+            shutil.copy2(run_dir / name, art / name)
+        shutil.copy2(work / "log.txt", art / "log.txt")
+        return StageOutput(metrics=summary, environment={"world_size": summary.get("world_size"),
+                                                         "device": summary.get("device")})
+
+    return run_stage(SFT, section, upstream, store, rebuild, build)
