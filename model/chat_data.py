@@ -1,4 +1,4 @@
-"""Chat datasets as Tasks: the SFT mixture and the five chat-eval tasks (spec/08 §3-§5).
+"""Chat datasets as Tasks: the task framework and the five chat-eval tasks (spec/08 §3-§4, §6).
 
 A Task is a sliceable list of conversations (spec/08 §1 format). Eval tasks also say how
 they are scored (`eval_type`, `evaluate`). Data comes through the `datasets` library, either
@@ -15,6 +15,9 @@ Every dataset is shuffled with seed 42 when loaded, with the permutation
 `datasets.Dataset.shuffle(seed=42)`; slicing applies after the shuffle. The `datasets`
 cache goes to `$HF_DATASETS_CACHE` (read at call time) or the library default, and loads
 are memoised per process, so building a Task twice is cheap.
+
+The SFT mixture built from these (and from local conversation files) is in model/sft_data.py;
+`held_out_order` is the train/val rule it uses for local data.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from model.tokenizer import ConversationError, check_conversation
 
 SHUFFLE_SEED = 42
 
@@ -127,7 +129,7 @@ def dataset_source(task: str, subset: str | None, split: str, data_dir: str | os
     return ("local", path)
 
 
-def _load(task: str, subset: str | None, split: str, data_dir):
+def load_rows(task: str, subset: str | None, split: str, data_dir):
     source = dataset_source(task, subset, split, data_dir)
     if source[0] == "hub":
         return load_hub_dataset(*source[1:])
@@ -153,6 +155,41 @@ class ShuffledRows:
 
     def __getitem__(self, i: int) -> dict:
         return self.dataset[int(self.order[i])]
+
+
+def held_out_order(total: int, split: str, what: str) -> np.ndarray:
+    """Row indices of one split of `total` local rows: the seed-42 permutation (the order of
+    ShuffledRows) with its LAST max(1, total // 50) positions held out as `val`, the rest `train`.
+    Deterministic and disjoint; `what` names the data in errors."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if total < 2:
+        raise ValueError(f"{what} hold(s) {total} row(s); need at least 2 for a train/val split")
+    n_val = max(1, total // 50)
+    order = np.random.default_rng(SHUFFLE_SEED).permutation(total)
+    return order[total - n_val:] if split == "val" else order[: total - n_val]
+
+
+class HeldOutRows(ShuffledRows):
+    """The train or val part (see `held_out_order`) of a local file standing in for a hub split."""
+
+    def __init__(self, dataset, split: str, what: str):
+        self.dataset = dataset
+        self.order = held_out_order(len(dataset), split, what)
+
+
+def _load_source_file(task: str, path, split: str, columns: Sequence[str]) -> HeldOutRows:
+    """A local file in `task`'s hub row format, split train/val by `held_out_order`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{task} source file {path} not found; fix: point it at an existing .jsonl/.parquet file "
+                         f"of {task} rows ({', '.join(columns)})")
+    dataset = load_local_file(path)
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"{path}: {task} rows need the fields {list(columns)}, missing {missing} "
+                         f"(columns: {dataset.column_names}); fix: give a file in the {task} row format")
+    return HeldOutRows(dataset, split, str(path))
 
 
 # --- Task framework ---------------------------------------------------------------------------
@@ -277,7 +314,7 @@ class ARC(_Categorical):
         if split not in ("train", "validation", "test"):
             raise ValueError(f"ARC split must be train, validation or test, got {split!r}")
         self.subset, self.split = subset, split
-        self.rows = ShuffledRows(_load("ARC", subset, split, data_dir))
+        self.rows = ShuffledRows(load_rows("ARC", subset, split, data_dir))
 
     def num_examples(self) -> int:
         return len(self.rows)
@@ -291,14 +328,20 @@ class ARC(_Categorical):
 
 
 class MMLU(_Categorical):
+    """cais/mmlu; `path=` a local file of its rows {question, subject, choices, answer} instead,
+    of which `split` "train" | "val" is the `held_out_order` part (subset is then only a label)."""
+
     letters = ("A", "B", "C", "D")
 
-    def __init__(self, subset: str = "all", split: str = "test", data_dir=None, **slice_kwargs):
+    def __init__(self, subset: str = "all", split: str = "test", data_dir=None, path=None, **slice_kwargs):
         super().__init__(**slice_kwargs)
+        self.subset, self.split = subset, split
+        if path is not None:
+            self.rows = _load_source_file("MMLU", path, split, ("question", "subject", "choices", "answer"))
+            return
         if subset == "auxiliary_train" and split != "train":
             raise ValueError("MMLU subset 'auxiliary_train' only has split 'train'")
-        self.subset, self.split = subset, split
-        dataset = _load("MMLU", subset, split, data_dir)
+        dataset = load_rows("MMLU", subset, split, data_dir)
         indices = None
         if data_dir is not None and subset not in ("all", "auxiliary_train"):  # a subject of the local file
             subjects = dataset["subject"]
@@ -347,15 +390,21 @@ def parse_gsm8k_answer(answer: str) -> list[dict]:
 
 
 class GSM8K(Task):
+    """openai/gsm8k; `path=` a local file of its rows {question, answer} instead, of which
+    `split` "train" | "val" is the `held_out_order` part."""
+
     eval_type = "generative"
 
-    def __init__(self, subset: str = "main", split: str = "test", data_dir=None, **slice_kwargs):
+    def __init__(self, subset: str = "main", split: str = "test", data_dir=None, path=None, **slice_kwargs):
         super().__init__(**slice_kwargs)
+        if path is not None:
+            self.rows = _load_source_file("GSM8K", path, split, ("question", "answer"))
+            return
         if subset not in ("main", "socratic"):
             raise ValueError(f"GSM8K subset must be 'main' or 'socratic', got {subset!r}")
         if split not in ("train", "test"):
             raise ValueError(f"GSM8K split must be train or test, got {split!r}")
-        self.rows = ShuffledRows(_load("GSM8K", subset, split, data_dir))
+        self.rows = ShuffledRows(load_rows("GSM8K", subset, split, data_dir))
 
     def num_examples(self) -> int:
         return len(self.rows)
@@ -412,7 +461,7 @@ class HumanEval(Task):
 
     def __init__(self, data_dir=None, **slice_kwargs):
         super().__init__(**slice_kwargs)
-        self.rows = ShuffledRows(_load("HumanEval", "openai_humaneval", "test", data_dir))
+        self.rows = ShuffledRows(load_rows("HumanEval", "openai_humaneval", "test", data_dir))
 
     def num_examples(self) -> int:
         return len(self.rows)
@@ -462,156 +511,3 @@ def chatcore(accuracies: dict[str, float]) -> dict:
         return sum((accuracies[n] - CHATCORE_BASELINES[n]) / (1 - CHATCORE_BASELINES[n]) for n in names) / len(names)
 
     return {"chatcore": centred_mean(CHAT_EVAL_TASKS), "chatcore_cat": centred_mean(CATEGORICAL_TASKS)}
-
-
-# --- SFT data ---------------------------------------------------------------------------------
-
-
-def check_training_conversation(conversation: dict, where: str) -> None:
-    """A training conversation: valid chat format with at least one assistant reply."""
-    try:
-        messages = check_conversation(conversation)
-    except ConversationError as e:
-        raise ConversationError(f"{where}: {e}") from None
-    if len(messages) < 2:
-        raise ConversationError(f"{where}: a training conversation needs a user message and an assistant reply")
-
-
-class SmolTalk(Task):
-    """HuggingFaceTB/smol-smoltalk (hub only): general conversations, split train or test."""
-
-    def __init__(self, split: str = "train", **slice_kwargs):
-        super().__init__(**slice_kwargs)
-        if split not in ("train", "test"):
-            raise ValueError(f"SmolTalk split must be train or test, got {split!r}")
-        self.split = split
-        self.rows = ShuffledRows(_load("SmolTalk", None, split, None))
-
-    def num_examples(self) -> int:
-        return len(self.rows)
-
-    def get_example(self, index: int) -> dict:
-        conversation = {"messages": self.rows[index]["messages"]}
-        check_training_conversation(conversation, f"SmolTalk {self.split} example {index}")
-        if any(not isinstance(m["content"], str) for m in conversation["messages"]):
-            raise ConversationError(f"SmolTalk {self.split} example {index}: every content must be a string")
-        return conversation
-
-
-def _row_labels(path: Path, count: int) -> list[str]:
-    """'file:line' for each row of a jsonl file (blank lines are skipped by the reader);
-    'file:row N' (1-based) for parquet."""
-    if path.suffix == ".parquet":
-        return [f"{path.name}:row {i + 1}" for i in range(count)]
-    with open(path, "rb") as f:
-        lines = [n for n, line in enumerate(f, start=1) if line.strip()]
-    return [f"{path.name}:{n}" for n in lines] if len(lines) == count else [f"{path.name}:row {i + 1}" for i in range(count)]
-
-
-def _load_conversation_file(path: Path):
-    """(rows, labels): rows indexable to {"messages": [...]}, each validated up front."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"SFT data file {path} not found")
-    try:
-        rows = load_local_file(path)
-    except Exception as e:
-        if path.suffix == ".parquet":
-            raise ValueError(f"{path}: cannot read as parquet: {e}") from e
-        rows = _parse_jsonl_strict(path)  # names the bad line, or copes with mixed content types
-    if len(rows) == 0:
-        raise ValueError(f"{path}: no conversations")
-    labels = _row_labels(path, len(rows))
-    if not isinstance(rows, list) and "messages" not in rows.column_names:
-        raise ConversationError(f"{labels[0]}: rows have no 'messages' key (columns: {rows.column_names})")
-    for i, messages in enumerate(_messages_column(rows)):
-        if messages is None:
-            raise ConversationError(f"{labels[i]}: row has no 'messages' key")
-        check_training_conversation({"messages": messages}, labels[i])
-    return rows, labels
-
-
-def _messages_column(rows) -> Iterator:
-    """Every row's messages, in bounded memory for a large `datasets.Dataset`."""
-    if isinstance(rows, list):
-        yield from (row.get("messages") for row in rows)
-        return
-    for batch in rows.select_columns(["messages"]).iter(batch_size=4096):
-        yield from batch["messages"]
-
-
-def _parse_jsonl_strict(path: Path) -> list[dict]:
-    import json
-
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConversationError(f"{path.name}:{n}: not valid JSON ({e.msg}); {path}") from None
-            if not isinstance(row, dict):
-                raise ConversationError(f"{path.name}:{n}: a row must be a JSON object with a 'messages' list")
-            rows.append(row)
-    return rows
-
-
-class LocalConversations(Task):
-    """Conversations of local jsonl/parquet files (rows `{"messages": [...]}`), one split of them.
-
-    Held-out val split (deterministic, disjoint from train): all files' rows are concatenated in
-    the order given, permuted with numpy.random.default_rng(42); the LAST max(1, n // 50)
-    positions of that permutation (2 %) are `val`, the rest `train`, each in permutation order.
-    Every row is validated at load; errors name `file:line`. Examples carry `source` = `file:line`.
-    """
-
-    def __init__(self, paths: Sequence[str | os.PathLike], split: str = "train", **slice_kwargs):
-        super().__init__(**slice_kwargs)
-        if split not in ("train", "val"):
-            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-        if isinstance(paths, (str, os.PathLike)) or not paths:
-            raise ValueError("paths must be a non-empty list of .jsonl/.parquet files")
-        self.files = [_load_conversation_file(Path(p)) for p in paths]
-        offsets = np.cumsum([0] + [len(rows) for rows, _ in self.files])
-        total = int(offsets[-1])
-        if total < 2:
-            raise ValueError(f"{list(paths)} hold {total} conversation(s); need at least 2 for a train/val split")
-        n_val = max(1, total // 50)
-        order = np.random.default_rng(SHUFFLE_SEED).permutation(total)
-        self.order = order[total - n_val:] if split == "val" else order[: total - n_val]
-        self.offsets = offsets
-        self.split = split
-
-    def num_examples(self) -> int:
-        return len(self.order)
-
-    def get_example(self, index: int) -> dict:
-        g = int(self.order[index])
-        f = int(np.searchsorted(self.offsets, g, side="right")) - 1
-        rows, labels = self.files[f]
-        r = g - int(self.offsets[f])
-        return {"messages": rows[r]["messages"], "source": labels[r]}
-
-
-def sft_mixture(split: str, data: Sequence[str | os.PathLike] | None = None, mmlu_epochs: int = 3,
-                gsm8k_epochs: int = 4) -> TaskMixture:
-    """The SFT conversations of one split ("train" | "val").
-
-    data=None: the reference hub mixture (spec/08 §5.3): train = SmolTalk train + MMLU
-    auxiliary_train x mmlu_epochs + GSM8K main train x gsm8k_epochs; val = SmolTalk test + MMLU
-    test[:5200] + GSM8K test[:420]. data=[files]: those local conversation files, split into
-    train/val as `LocalConversations` says (the epoch counts do not apply).
-    """
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    if data is not None:
-        return TaskMixture([LocalConversations(list(data), split)])
-    for name, epochs in (("mmlu_epochs", mmlu_epochs), ("gsm8k_epochs", gsm8k_epochs)):
-        if not isinstance(epochs, int) or epochs < 0:
-            raise ValueError(f"{name} must be an int >= 0, got {epochs!r}")
-    if split == "train":
-        mmlu, gsm8k = MMLU("auxiliary_train", "train"), GSM8K("main", "train")
-        return TaskMixture([SmolTalk("train")] + [mmlu] * mmlu_epochs + [gsm8k] * gsm8k_epochs)
-    return TaskMixture([SmolTalk("test"), MMLU("all", "test", stop=5200), GSM8K("main", "test", stop=420)])

@@ -57,6 +57,13 @@ MUON_MOMENTUM_WARMUP = 300
 WANDB_EVERY = 10
 
 
+def _source_arg(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=PATH; fix: e.g. --source gsm8k=train.jsonl")
+    return name, path
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m model.sft", description="Supervised fine-tuning (spec/08 §5).")
     a = p.add_argument
@@ -90,6 +97,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--out-dir", required=True, help="checkpoints/, metrics.jsonl, summary.json go here")
     a("--data", nargs="+", default=None, metavar="FILE",
       help="jsonl/parquet files of {'messages': [...]} rows instead of the reference hub mixture")
+    a("--source", action="append", default=[], metavar="NAME=PATH", type=_source_arg,
+      help="replace one source of the hub mixture (smoltalk, mmlu or gsm8k) by a local jsonl/parquet file in its "
+           "row format; repeatable")
     a("--chat-eval-dir", "--data-dir-chat-eval", dest="chat_eval_dir", default=None,
       help="ChatCORE task files laid out like shared/data/chat_eval (default: the hub)")
     a("--save-every", type=int, default=-1, help="checkpoint period in steps (-1 = only the last step)")
@@ -97,7 +107,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--resume", default="auto", choices=["auto", "none"], help="auto: continue from the last complete checkpoint")
     a("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile (auto: on CUDA only)")
     a("--wandb-mode", default=os.environ.get("WANDB_MODE", "offline"), choices=["offline", "online", "disabled"])
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.sources = dict(args.__dict__.pop("source"))  # NAME=PATH items; a repeated NAME keeps the last
+    if args.sources and args.data:
+        p.error("--data replaces the whole mixture, --source one part of it; fix: give one or the other")
+    return args
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,10 +297,10 @@ def main(argv: list[str] | None = None) -> dict:
                          f"{config.vocab_size}; fix: pass the tokenizer the base model was trained with")
 
     # --- data: fail on bad files before any model work
-    from model.chat_data import sft_mixture
+    from model.sft_data import sft_mixture
 
-    train_ds = sft_mixture("train", args.data, mmlu_epochs=args.mmlu_epochs, gsm8k_epochs=args.gsm8k_epochs)
-    val_ds = sft_mixture("val", args.data, mmlu_epochs=args.mmlu_epochs, gsm8k_epochs=args.gsm8k_epochs)
+    mixture = dict(data=args.data, mmlu_epochs=args.mmlu_epochs, gsm8k_epochs=args.gsm8k_epochs, sources=args.sources)
+    train_ds, val_ds = sft_mixture("train", **mixture), sft_mixture("val", **mixture)
     say(f"conversations: {len(train_ds):,} train, {len(val_ds):,} val")
 
     # --- model: the SFT run's own last complete checkpoint, else the base weights

@@ -19,6 +19,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from model.sft_data import SFT_SOURCES
 from model.sizing import PlanError, TrainingPlan, plan_training
 from tasks.download import DEFAULT_SOURCE, DEFAULT_VAL_SHARD, list_source_shards
 
@@ -192,6 +193,8 @@ class SFTConfig(Section):
     """Options of the reference chat_sft (spec/08 §5); None inherits from the base checkpoint."""
 
     data: list[str] | None = Field(None, description="local jsonl/parquet conversation files replacing the default mixture")
+    sources: dict[str, str] = Field(default_factory=dict, description="local jsonl/parquet files replacing single "
+                                    "sources of the default mixture, in their own row format: {smoltalk|mmlu|gsm8k: path}")
     load_optimizer: bool = True
     num_iterations: int = Field(-1, description="-1 = one pass over the mixture")
     max_seq_len: int | None = Field(None, ge=2)
@@ -213,6 +216,22 @@ class SFTConfig(Section):
     mmlu_epochs: int = Field(3, ge=0)
     gsm8k_epochs: int = Field(4, ge=0)
     save_every: int = -1
+
+    @field_validator("sources")
+    @classmethod
+    def _sources(cls, v: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(v) - set(SFT_SOURCES))
+        if unknown:
+            raise ValueError(f"unknown source(s) {unknown}; fix: replace only {', '.join(SFT_SOURCES)}, "
+                             "e.g. --set sft.sources={gsm8k: /path/train.jsonl}")
+        return v
+
+    @model_validator(mode="after")
+    def _data_or_sources(self) -> "SFTConfig":
+        if self.data and self.sources:
+            raise ValueError("sft.data replaces the whole SFT mixture, sft.sources single parts of it; "
+                             "fix: set only one of them")
+        return self
 
 
 class ChatEvalConfig(Section):
@@ -448,7 +467,7 @@ def resolve_config(cfg: SpeedrunConfig) -> SpeedrunConfig:
                 data = data.model_copy(update={"source": str(mirror / "pretrain")})
             if "bundle" not in base_eval.model_fields_set:
                 base_eval = base_eval.model_copy(update={"bundle": str(mirror / "eval_bundle")})
-            if "data" not in sft.model_fields_set and (mirror / "sft").is_dir():
+            if "data" not in sft.model_fields_set and not sft.sources and (mirror / "sft").is_dir():
                 sft = sft.model_copy(update={"data": sorted(str(p) for p in (mirror / "sft").glob("*.jsonl"))})
             if "data_dir" not in chat_eval.model_fields_set and (mirror / "chat_eval").is_dir():
                 chat_eval = chat_eval.model_copy(update={"data_dir": str(mirror / "chat_eval")})
@@ -482,6 +501,12 @@ def resolve_config(cfg: SpeedrunConfig) -> SpeedrunConfig:
     for path in sft.data or []:
         if _is_local(path) and not Path(path).exists():
             problems.append(f"sft.data: {path} does not exist; fix: list existing jsonl/parquet files")
+    for name, path in sft.sources.items():
+        if "://" in path or not Path(path).expanduser().is_file():  # read by model.chat_data as a local file
+            problems.append(f"sft.sources.{name}: {path} does not exist or is not a local file; fix: point it at an "
+                            f"existing jsonl/parquet file of {name} rows, or remove sft.sources.{name} to use the hub dataset")
+    if sft.sources and not problems:  # absolute, so the torchrun workers find them whatever their cwd
+        sft = sft.model_copy(update={"sources": {n: str(Path(p).expanduser().resolve()) for n, p in sft.sources.items()}})
     if chat_eval.data_dir and _is_local(chat_eval.data_dir) and not Path(chat_eval.data_dir).is_dir():
         problems.append(f"chat_eval.data_dir: {chat_eval.data_dir} is not a directory; fix: point it at a directory "
                         "laid out like shared/data/chat_eval (arc/, mmlu/, gsm8k/, humaneval/), or unset it for the hub")

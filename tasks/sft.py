@@ -1,7 +1,7 @@
 """The sft stage: supervised fine-tuning of the final pretrain checkpoint under torchrun (model/sft.py).
 
 Keyed on the pretrain artifact, the tokenizer, the SFT options and the *content* of the conversation
-files (not their paths), so the same data in another checkout hits the same artifact. Like pretraining,
+files and of the files replacing single mixture sources (not their paths), so the same data in another checkout hits the same artifact. Like pretraining,
 the run lives in the artifact's work/ and a retry resumes from its last complete checkpoint. The
 artifact is self-contained for chatting and chat evaluation:
 
@@ -26,7 +26,7 @@ from tasks.store import StageDef, content_digest
 
 SFT = StageDef("sft", version=1, code=(
     "tasks/sft.py", "tasks/launch.py", "kernels/*.py",
-    "model/sft.py", "model/sft_loader.py", "model/chat_data.py", "model/gpt.py", "model/optim.py",
+    "model/sft.py", "model/sft_loader.py", "model/sft_data.py", "model/chat_data.py", "model/gpt.py", "model/optim.py",
     "model/tokenizer.py", "model/loss_eval.py", "model/checkpoint.py", "model/common.py",
     "model/chat_eval.py", "model/engine.py", "model/execution.py",
 ))
@@ -40,6 +40,10 @@ def sft_section(cfg: SpeedrunConfig) -> dict:
     section = {k: v for k, v in sft.model_dump().items() if k not in NOT_IN_KEY}
     # The data's bytes enter the key; its location does not (a hub name stands for itself).
     section["data"] = [content_digest(p) for p in sft.data] if sft.data else None
+    if sft.sources:  # only when set, so runs without replaced sources keep their existing keys
+        section["sources"] = {name: content_digest(path) for name, path in sorted(sft.sources.items())}
+    else:
+        section.pop("sources", None)
     section["chat_eval_data"] = (content_digest(cfg.chat_eval.data_dir)
                                  if sft.chatcore_every > 0 and cfg.chat_eval.data_dir else None)
     section["device_type"] = cfg.runtime.device_type or "auto"
@@ -49,7 +53,8 @@ def sft_section(cfg: SpeedrunConfig) -> dict:
 
 def sft_options(cfg: SpeedrunConfig) -> dict:
     return {"torchrun": torchrun_options(cfg.runtime), "wandb_mode": cfg.runtime.wandb_mode,
-            "run": f"{cfg.preset}-sft", "data": list(cfg.sft.data or []), "save_every": cfg.sft.save_every,
+            "run": f"{cfg.preset}-sft", "data": list(cfg.sft.data or []),
+            "sources": dict(cfg.sft.sources), "save_every": cfg.sft.save_every,
             "chat_eval_dir": cfg.chat_eval.data_dir}
 
 
@@ -57,7 +62,7 @@ def sft_arguments(section: dict, options: dict) -> list[str]:
     """The section as model.sft flags (kebab-case, the reference's names)."""
     args = []
     for name, value in section.items():
-        if name in ("world_size", "data", "chat_eval_data") or value is None:
+        if name in ("world_size", "data", "sources", "chat_eval_data") or value is None:
             continue
         if name == "device_type":
             if value != "auto":
@@ -69,6 +74,8 @@ def sft_arguments(section: dict, options: dict) -> list[str]:
     args.append(f"--save-every={options['save_every']}")
     if options["data"]:
         args += ["--data", *options["data"]]
+    for name, path in sorted(options.get("sources", {}).items()):
+        args.append(f"--source={name}={path}")
     if options["chat_eval_dir"]:
         args.append(f"--chat-eval-dir={options['chat_eval_dir']}")
     return args

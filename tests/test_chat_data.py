@@ -1,4 +1,4 @@
-"""Tests for model/chat_data.py on the real chat data in ../shared/data (chat_eval/, sft/).
+"""Tests for model/chat_data.py and model/sft_data.py on the real chat data in ../shared/data (chat_eval/, sft/).
 
 The `datasets` cache goes to a temp dir for this module. The hub paths need the network,
 which tests do not have: they are covered by what `dataset_source` asks for.
@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from model import chat_data as cd
+from model import sft_data as sd
 from model.tokenizer import ConversationError
 
 
@@ -268,7 +269,7 @@ def test_task_mixture_and_sequence(eval_dir):
 def test_sft_mixture_local(sft_files):
     counts = {"alpaca_5000.jsonl": 4998, "gsm8k_train.jsonl": 7473, "oasst_en_100_trees.jsonl": 383}
     total = sum(counts.values())
-    train, val = cd.sft_mixture("train", sft_files), cd.sft_mixture("val", sft_files)
+    train, val = sd.sft_mixture("train", sft_files), sd.sft_mixture("val", sft_files)
     assert (len(train), len(val)) == (total - total // 50, total // 50) == (12597, 257)
     train_sources = [train[i]["source"] for i in range(len(train))]
     val_sources = [val[i]["source"] for i in range(len(val))]
@@ -277,14 +278,14 @@ def test_sft_mixture_local(sft_files):
     for name, count in counts.items():
         assert sum(s.startswith(name + ":") for s in train_sources + val_sources) == count
     # Deterministic: a second build gives the same order; the source names the file line.
-    again = cd.sft_mixture("train", sft_files)
+    again = sd.sft_mixture("train", sft_files)
     assert [again[i]["source"] for i in range(50)] == train_sources[:50]
     name, line = train_sources[0].split(":")
     with open(next(f for f in sft_files if f.name == name), encoding="utf-8") as f:
         raw = f.readlines()[int(line) - 1]
     assert json.loads(raw)["messages"] == train[0]["messages"]
     with pytest.raises(ValueError, match="split must be"):
-        cd.sft_mixture("test", sft_files)
+        sd.sft_mixture("test", sft_files)
 
 
 def write_jsonl(path: Path, rows: list, extra_lines: dict[int, str] | None = None) -> Path:
@@ -302,35 +303,90 @@ def test_local_conversation_files_are_validated(tmp_path):
     bad_order = {"messages": [{"role": "user", "content": "x"}, {"role": "user", "content": "y"}]}
     path = write_jsonl(tmp_path / "order.jsonl", [GOOD, bad_order], extra_lines={1: ""})  # a blank line 2
     with pytest.raises(ConversationError, match=r"order.jsonl:3: message 1: role 'user'"):
-        cd.LocalConversations([path])
+        sd.LocalConversations([path])
     path = write_jsonl(tmp_path / "nomsg.jsonl", [GOOD, GOOD, {"turns": []}])
     with pytest.raises(ConversationError, match="nomsg.jsonl:3: row has no 'messages' key"):
-        cd.LocalConversations([path])
+        sd.LocalConversations([path])
     path = write_jsonl(tmp_path / "broken.jsonl", [GOOD], extra_lines={1: '{"messages": [{"role"'})
     with pytest.raises(ConversationError, match="broken.jsonl:2: not valid JSON"):
-        cd.LocalConversations([path])
+        sd.LocalConversations([path])
     path = write_jsonl(tmp_path / "short.jsonl", [GOOD, {"messages": [{"role": "user", "content": "x"}]}])
     with pytest.raises(ConversationError, match="short.jsonl:2: a training conversation needs"):
-        cd.LocalConversations([path])
+        sd.LocalConversations([path])
     with pytest.raises(ValueError, match="need at least 2"):
-        cd.LocalConversations([write_jsonl(tmp_path / "one.jsonl", [GOOD])])
+        sd.LocalConversations([write_jsonl(tmp_path / "one.jsonl", [GOOD])])
     with pytest.raises(FileNotFoundError):
-        cd.LocalConversations([tmp_path / "absent.jsonl"])
+        sd.LocalConversations([tmp_path / "absent.jsonl"])
 
 
 def test_local_parquet_and_mixed_content(tmp_path):
     tools = {"messages": [{"role": "user", "content": "2+2?"},
                           {"role": "assistant", "content": [{"type": "python", "text": "2+2"}, {"type": "text", "text": "4"}]}]}
     mixed = write_jsonl(tmp_path / "mixed.jsonl", [GOOD, tools])  # string and list contents side by side
-    conversations = [cd.LocalConversations([mixed], split)[0] for split in ("train", "val")]
+    conversations = [sd.LocalConversations([mixed], split)[0] for split in ("train", "val")]
     assert sorted(c["source"] for c in conversations) == ["mixed.jsonl:1", "mixed.jsonl:2"]
     assert tools["messages"] in [c["messages"] for c in conversations]
 
     rows = [GOOD["messages"], [{"role": "system", "content": "s"}] + GOOD["messages"], GOOD["messages"][:1]]
     pq.write_table(pa.table({"messages": rows}), tmp_path / "c.parquet")
     with pytest.raises(ConversationError, match="c.parquet:row 3"):
-        cd.LocalConversations([tmp_path / "c.parquet"])
+        sd.LocalConversations([tmp_path / "c.parquet"])
     pq.write_table(pa.table({"messages": rows[:2]}), tmp_path / "ok.parquet")
-    both = cd.LocalConversations([tmp_path / "ok.parquet", mixed], "train")
+    both = sd.LocalConversations([tmp_path / "ok.parquet", mixed], "train")
     assert len(both) == 3 and {both[i]["source"] for i in range(3)} < {"ok.parquet:row 1", "ok.parquet:row 2",
                                                                        "mixed.jsonl:1", "mixed.jsonl:2"}
+
+
+def test_sft_mixture_with_every_source_replaced_needs_no_hub(eval_dir, sft_files):
+    alpaca = next(f for f in sft_files if f.name == "alpaca_5000.jsonl")
+    gsm8k_file, mmlu_file = eval_dir / "gsm8k" / "train.jsonl", eval_dir / "mmlu" / "dev.jsonl"
+    sources = {"smoltalk": alpaca, "mmlu": mmlu_file, "gsm8k": str(gsm8k_file)}
+    # Held-out tails: max(1, n // 50) of 4998 alpaca, 285 MMLU dev and 7473 GSM8K rows.
+    train = sd.sft_mixture("train", mmlu_epochs=1, gsm8k_epochs=2, sources=sources)
+    val = sd.sft_mixture("val", mmlu_epochs=1, gsm8k_epochs=2, sources=sources)
+    assert [len(t) for t in train.tasks] == [4998 - 99, 285 - 5, 7473 - 149, 7473 - 149]
+    assert [len(t) for t in val.tasks] == [99, 5, 149]
+    assert len(train) == 4899 + 280 + 2 * 7324 and len(val) == 253
+    assert len(sd.sft_mixture("train", mmlu_epochs=0, gsm8k_epochs=4, sources=sources)) == 4899 + 4 * 7324
+
+    # The replaced GSM8K: rendered as the hub rows are; train is the shuffled file's head, val its tail.
+    full = cd.GSM8K("main", "train", eval_dir)
+    gsm_train, gsm_val = train.tasks[2], val.tasks[2]
+    assert train.tasks[3] is gsm_train  # the epochs repeat one task
+    assert [gsm_train[i] for i in range(3)] == [full[i] for i in range(3)]
+    assert [gsm_val[j] for j in (0, 148)] == [full[7324], full[7472]]
+    order_train, order_val = set(gsm_train.rows.order.tolist()), set(gsm_val.rows.order.tolist())
+    assert not order_train & order_val and order_train | order_val == set(range(7473))
+    assert [p["type"] for p in gsm_train[0]["messages"][1]["content"]][:3] == ["text", "python", "python_output"]
+    # The replaced MMLU: the render_mc prompt of the same rows the local chat-eval layout gives.
+    dev = cd.MMLU("all", "dev", eval_dir)
+    assert [train.tasks[1][i] for i in (0, 279)] == [dev[0], dev[279]] and val.tasks[1][4] == dev[284]
+    assert val.tasks[1][0]["messages"][0]["content"].startswith("Multiple Choice question: ")
+    # The replaced SmolTalk: the same split as LocalConversations of that file.
+    assert val.tasks[0][0] == sd.LocalConversations([alpaca], "val")[0]
+    train_sources = {train.tasks[0][i]["source"] for i in range(len(train.tasks[0]))}
+    assert not train_sources & {val.tasks[0][i]["source"] for i in range(99)} and len(train_sources) == 4899
+
+    # Every example of the mixture is one of the three kinds: 99 conversations, 5 MC, 149 tool-use.
+    kinds = {"mc": 0, "tools": 0, "chat": 0}
+    for i in range(len(val)):
+        example = val[i]
+        kind = "mc" if "letters" in example else "tools" if isinstance(example["messages"][1]["content"], list) else "chat"
+        kinds[kind] += 1
+    assert kinds == {"mc": 5, "tools": 149, "chat": 99}
+
+
+def test_sft_sources_bad_input(eval_dir, sft_files, tmp_path):
+    gsm8k_file = eval_dir / "gsm8k" / "train.jsonl"
+    with pytest.raises(ValueError, match=r"unknown SFT source 'arc'.*fix: replace one of smoltalk, mmlu, gsm8k"):
+        sd.sft_mixture("train", sources={"arc": gsm8k_file})
+    with pytest.raises(ValueError, match=r"SFT source gsm8k: .*absent.jsonl not found; fix"):
+        sd.sft_mixture("val", sources={"gsm8k": tmp_path / "absent.jsonl"})
+    with pytest.raises(ValueError, match="give one or the other"):
+        sd.sft_mixture("train", sft_files, sources={"gsm8k": gsm8k_file})
+    with pytest.raises(ValueError, match=r"MMLU rows need the fields .* missing \['question', 'subject', 'choices'"):
+        cd.MMLU(path=sft_files[0], split="train")  # a conversation file is not MMLU rows
+    with pytest.raises(ValueError, match="need at least 2"):
+        cd.GSM8K(path=write_jsonl(tmp_path / "one.jsonl", [{"question": "q", "answer": "#### 1"}]), split="val")
+    with pytest.raises(ValueError, match="split must be 'train' or 'val'"):
+        cd.GSM8K(path=gsm8k_file, split="test")

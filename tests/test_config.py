@@ -379,6 +379,12 @@ INVALID = [
     ("mirror-missing", "smoke", {"mirror": "/nonexistent/speedrun-mirror"}, "runtime.mirror"),
     ("bundle-missing", "smoke", {O: {"base_eval.bundle": "/nonexistent/eval_bundle.zip"}}, "base_eval.bundle"),
     ("sft-data-missing", "smoke", {O: {"sft.data": ["/nonexistent/conv.jsonl"]}}, "sft.data"),
+    ("sft-source-unknown", "smoke", {O: {"sft.sources": {"arc": str(DATA_DIR / "sft" / "alpaca_5000.jsonl")}}},
+     "sft.sources"),
+    ("sft-source-missing", "smoke", {O: {"sft.sources": {"gsm8k": "/nonexistent/gsm8k.jsonl"}}}, "sft.sources.gsm8k"),
+    ("sft-data-and-sources", "smoke", {O: {"sft.data": [str(DATA_DIR / "sft" / "alpaca_5000.jsonl")],
+                                           "sft.sources": {"gsm8k": str(DATA_DIR / "chat_eval" / "gsm8k" / "train.jsonl")}}},
+     "sft.sources"),
     ("base-eval-mode", "smoke", {S: ["base_eval.eval=core,foo"]}, "base_eval.eval"),
     ("nproc-0", "smoke", {S: ["runtime.nproc_per_node=0"]}, "runtime.nproc_per_node"),
     ("wandb-sometimes", "smoke", {S: ["runtime.wandb_mode=sometimes"]}, "runtime.wandb_mode"),
@@ -418,6 +424,25 @@ def test_base_config_is_valid(store):
     # every invalid case above differs from this one by a single change
     cfg = load_config("smoke", mirror=str(DATA_DIR), store=store)
     assert cfg.data.val_shard == 7
+
+
+def test_sft_source_errors_name_the_key_and_fix(store):
+    with pytest.raises(ConfigError) as info:
+        load_config("smoke", overrides={"sft.sources": {"arc": "/x.jsonl"}}, store=store)
+    assert "sft.sources: unknown source(s) ['arc']" in str(info.value) and "fix" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_config("smoke", overrides={"sft.sources": {"gsm8k": "/nonexistent/gsm8k.jsonl"}}, store=store)
+    assert info.value.problems == [p for p in info.value.problems if p.startswith("sft.sources.gsm8k: /nonexistent")]
+
+
+@needs_mirror
+def test_sft_sources_keep_the_mirror_out_of_sft_data(store, tmp_path, monkeypatch):
+    gsm8k = DATA_DIR / "chat_eval" / "gsm8k" / "train.jsonl"
+    plain = load_config("smoke", mirror=str(DATA_DIR), store=store)
+    assert plain.sft.sources == {} and len(plain.sft.data) == 3  # the mirror's sft/ replaces the whole mixture
+    monkeypatch.chdir(gsm8k.parent)
+    cfg = load_config("smoke", sets=["sft.sources={gsm8k: train.jsonl}"], mirror=str(DATA_DIR), store=store)
+    assert cfg.sft.data is None and cfg.sft.sources == {"gsm8k": str(gsm8k.resolve())}  # absolute for the workers
 
 
 @needs_mirror
