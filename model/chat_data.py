@@ -213,7 +213,7 @@ class Task:
         raise NotImplementedError(f"{type(self).__name__} is a training set, it has no eval_type")
 
     def num_examples(self) -> int:
-        raise NotImplementedError
+        return len(self.rows)  # a task over one dataset keeps it in self.rows
 
     def get_example(self, index: int) -> dict:
         raise NotImplementedError
@@ -316,9 +316,6 @@ class ARC(_Categorical):
         self.subset, self.split = subset, split
         self.rows = ShuffledRows(load_rows("ARC", subset, split, data_dir))
 
-    def num_examples(self) -> int:
-        return len(self.rows)
-
     def get_example(self, index: int) -> dict:
         row = self.rows[index]
         labels, texts, answer = row["choices"]["label"], row["choices"]["text"], row["answerKey"]
@@ -349,9 +346,6 @@ class MMLU(_Categorical):
             if not indices:
                 raise ValueError(f"MMLU subject {subset!r} not found in the local {split} file")
         self.rows = ShuffledRows(dataset, indices)
-
-    def num_examples(self) -> int:
-        return len(self.rows)
 
     def get_example(self, index: int) -> dict:
         row = self.rows[index]
@@ -406,9 +400,6 @@ class GSM8K(Task):
             raise ValueError(f"GSM8K split must be train or test, got {split!r}")
         self.rows = ShuffledRows(load_rows("GSM8K", subset, split, data_dir))
 
-    def num_examples(self) -> int:
-        return len(self.rows)
-
     def get_example(self, index: int) -> dict:
         row = self.rows[index]
         return {
@@ -462,9 +453,6 @@ class HumanEval(Task):
     def __init__(self, data_dir=None, **slice_kwargs):
         super().__init__(**slice_kwargs)
         self.rows = ShuffledRows(load_rows("HumanEval", "openai_humaneval", "test", data_dir))
-
-    def num_examples(self) -> int:
-        return len(self.rows)
 
     def get_example(self, index: int) -> dict:
         row = self.rows[index]

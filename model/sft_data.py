@@ -39,9 +39,6 @@ class SmolTalk(Task):
         self.split = split
         self.rows = ShuffledRows(load_rows("SmolTalk", None, split, None))
 
-    def num_examples(self) -> int:
-        return len(self.rows)
-
     def get_example(self, index: int) -> dict:
         conversation = {"messages": self.rows[index]["messages"]}
         check_training_conversation(conversation, f"SmolTalk {self.split} example {index}")

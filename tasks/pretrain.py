@@ -9,8 +9,6 @@ become the stage's metrics.
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 from prefect.logging import get_run_logger
@@ -18,7 +16,7 @@ from prefect.logging import get_run_logger
 from tasks.cache import StageOutput, run_stage, stage_task
 from tasks.config import SpeedrunConfig
 from tasks.eval_bundle import BUNDLE_DIR
-from tasks.launch import run_torchrun, torchrun_options
+from tasks.launch import collect_training_run, run_torchrun, torchrun_options
 from tasks.store import StageDef
 
 # What the run executes: editing any of these re-trains; editing SFT or eval code does not.
@@ -84,19 +82,7 @@ def pretrain_stage(section: dict, upstream: dict, store: str, options: dict, reb
             if section["allow_missing_tasks"]:
                 args.append("--allow-missing-tasks")
         run_torchrun("model.train", args, log_path=work / "log.txt", log=logger.info, **options["torchrun"])
-        summary = json.loads((run_dir / "summary.json").read_text())
-        final = summary["step"]
-        checkpoint = art / "checkpoint"
-        checkpoint.mkdir(exist_ok=True)
-        # Move (not copy: at d24 a checkpoint is ~10 GB) the final checkpoint out of work/, marker first so
-        # work/ never holds a "complete" checkpoint with missing files.
-        (run_dir / "checkpoints" / f"complete_{final:06d}").unlink(missing_ok=True)
-        for src in (run_dir / "checkpoints").glob(f"*_{final:06d}*"):
-            if not src.name.startswith("."):
-                src.replace(checkpoint / src.name)
-        for name in ("summary.json", "metrics.jsonl"):
-            shutil.copy2(run_dir / name, art / name)
-        shutil.copy2(work / "log.txt", art / "log.txt")
+        summary = collect_training_run(run_dir, work, art)
         return StageOutput(metrics=summary, environment={"world_size": summary["world_size"],
                                                          "device": summary["device"]})
 

@@ -12,7 +12,6 @@ artifact is self-contained for chatting and chat evaluation:
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from prefect.logging import get_run_logger
 from model.tokenizer import META_FILE, RANKS_FILE, TOKEN_BYTES_FILE
 from tasks.cache import StageOutput, run_stage, stage_task
 from tasks.config import SpeedrunConfig
-from tasks.launch import run_torchrun, torchrun_options
+from tasks.launch import collect_training_run, run_torchrun, torchrun_options
 from tasks.store import StageDef, content_digest
 
 SFT = StageDef("sft", version=1, code=(
@@ -92,22 +91,11 @@ def sft_stage(section: dict, upstream: dict, store: str, options: dict, rebuild:
                 f"--run={options['run']}", f"--wandb-mode={options['wandb_mode']}",
                 *sft_arguments(section, options)]
         run_torchrun("model.sft", args, log_path=work / "log.txt", log=logger.info, **options["torchrun"])
-        summary = json.loads((run_dir / "summary.json").read_text())
-        final = summary["step"]
-        checkpoint = art / "checkpoint"
-        checkpoint.mkdir(exist_ok=True)
-        # Move the final checkpoint out of work/, marker first (see tasks/pretrain.py).
-        (run_dir / "checkpoints" / f"complete_{final:06d}").unlink(missing_ok=True)
-        for src in (run_dir / "checkpoints").glob(f"*_{final:06d}*"):
-            if not src.name.startswith("."):
-                src.replace(checkpoint / src.name)
+        summary = collect_training_run(run_dir, work, art)
         tokenizer = art / "tokenizer"
         tokenizer.mkdir(exist_ok=True)
         for name in TOKENIZER_FILES:
             shutil.copy2(Path(upstream["tokenizer"]["path"]) / name, tokenizer / name)
-        for name in ("summary.json", "metrics.jsonl"):
-            shutil.copy2(run_dir / name, art / name)
-        shutil.copy2(work / "log.txt", art / "log.txt")
         return StageOutput(metrics=summary, environment={"world_size": summary.get("world_size"),
                                                          "device": summary.get("device")})
 
