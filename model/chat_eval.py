@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from model.chat_data import CHAT_EVAL_TASKS, chat_eval_task, chatcore
 from model.checkpoint import atomic_write_text, load_model
-from model.common import autodetect_device_type, compute_init, print0
+from model.common import autodetect_device_type, compute_cleanup, compute_init, print0
 from model.core_eval import evaluation_mode
 from model.engine import Engine
 from model.tokenizer import Tokenizer
@@ -297,9 +297,7 @@ def main(argv: list[str] | None = None) -> dict:
         for name, task_records in records.items():
             atomic_write_text(out_dir / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in task_records))
         atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
-    if distributed:
-        dist.barrier()
-        dist.destroy_process_group()
+    compute_cleanup()
     return summary
 
 

@@ -147,6 +147,13 @@ def compute_init(device_type: str) -> tuple[bool, int, int, int, torch.device]:
     return True, rank, local_rank, world, device
 
 
+
+def compute_cleanup() -> None:
+    """End of a torchrun entry point: wait for every rank (rank 0 may still be writing), then leave the group."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

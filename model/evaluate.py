@@ -17,10 +17,9 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from model.checkpoint import atomic_write_text, load_model
-from model.common import autodetect_device_type, compute_init
+from model.common import autodetect_device_type, compute_cleanup, compute_init
 from model.core_eval import evaluate_core, write_core_csv
 from model.data import read_shard_paths
 from model.dataloader import BestFitLoader
@@ -120,9 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     if master:
         atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
-    if distributed:
-        dist.barrier()
-        dist.destroy_process_group()
+    compute_cleanup()
     return summary
 
 

@@ -41,7 +41,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from model import checkpoint as ckpt  # noqa: E402
-from model.common import COMPUTE_DTYPE, autodetect_device_type, compute_init, get_peak_flops, synchronize  # noqa: E402
+from model.common import COMPUTE_DTYPE, autodetect_device_type, compute_cleanup, compute_init, get_peak_flops, synchronize  # noqa: E402
 from model.gpt import GPT, GPTConfig  # noqa: E402
 from model.loss_eval import evaluate_bpb  # noqa: E402
 from model.sft_loader import SFTLoader  # noqa: E402
@@ -496,8 +496,7 @@ def main(argv: list[str] | None = None) -> dict:
         if wandb_run is not None:
             wandb_run.summary.update({k: v for k, v in summary.items() if v is not None and not isinstance(v, dict)})
             wandb_run.finish()
-    if distributed:
-        dist.destroy_process_group()
+    compute_cleanup()
     return summary
 
 

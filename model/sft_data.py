@@ -10,6 +10,7 @@ loading and the shuffles live in model/chat_data.py.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -90,8 +91,6 @@ def _messages_column(rows) -> Iterator:
 
 
 def _parse_jsonl_strict(path: Path) -> list[dict]:
-    import json
-
     rows = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, start=1):

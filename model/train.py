@@ -27,10 +27,9 @@ from pathlib import Path
 os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")  # before torch initialises CUDA
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 
 from model import checkpoint as ckpt  # noqa: E402
-from model.common import COMPUTE_DTYPE, autodetect_device_type, compute_init, get_peak_flops, synchronize  # noqa: E402
+from model.common import COMPUTE_DTYPE, autodetect_device_type, compute_cleanup, compute_init, get_peak_flops, synchronize  # noqa: E402
 from model.data import read_shard_paths  # noqa: E402
 from model.dataloader import BestFitLoader, val_loader  # noqa: E402
 from model.engine import Engine  # noqa: E402
@@ -375,8 +374,7 @@ def main(argv: list[str] | None = None) -> dict:
         if wandb_run is not None:
             wandb_run.summary.update({k: v for k, v in summary.items() if v is not None})
             wandb_run.finish()
-    if distributed:
-        dist.destroy_process_group()
+    compute_cleanup()
     return summary
 
 

@@ -34,16 +34,9 @@ CONVERSATIONS = {
 }
 FRANCE = "What is the capital of France?"
 
-pytestmark = pytest.mark.skipif(COMPUTE_DTYPE != torch.float32, reason="the fitted model assumes fp32 (CPU)")
+pytestmark = [pytest.mark.skipif(COMPUTE_DTYPE != torch.float32, reason="the fitted model assumes fp32 (CPU)"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls on a shared 2-core machine: one thread is much faster than two spinning OpenMP threads.
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def render_turn(tokenizer: Tokenizer, question: str, answer: str) -> list[int]:

@@ -379,6 +379,7 @@ INVALID = [
     ("mirror-missing", "smoke", {"mirror": "/nonexistent/speedrun-mirror"}, "runtime.mirror"),
     ("bundle-missing", "smoke", {O: {"base_eval.bundle": "/nonexistent/eval_bundle.zip"}}, "base_eval.bundle"),
     ("sft-data-missing", "smoke", {O: {"sft.data": ["/nonexistent/conv.jsonl"]}}, "sft.data"),
+    ("chat-eval-dir-missing", "smoke", {O: {"chat_eval.data_dir": "/nonexistent/chat_eval"}}, "chat_eval.data_dir"),
     ("sft-source-unknown", "smoke", {O: {"sft.sources": {"arc": str(DATA_DIR / "sft" / "alpaca_5000.jsonl")}}},
      "sft.sources"),
     ("sft-source-missing", "smoke", {O: {"sft.sources": {"gsm8k": "/nonexistent/gsm8k.jsonl"}}}, "sft.sources.gsm8k"),

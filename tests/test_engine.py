@@ -20,19 +20,12 @@ from model.engine import Engine, KVCache, sample_next_token, use_calculator
 from model.gpt import GPTConfig, build_model
 from model.tokenizer import Tokenizer
 
-pytestmark = pytest.mark.skipif(COMPUTE_DTYPE != torch.float32, reason="parity tolerances assume fp32 (CPU)")
+pytestmark = [pytest.mark.skipif(COMPUTE_DTYPE != torch.float32, reason="parity tolerances assume fp32 (CPU)"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 TEXTS = ["The", "Once upon a time", "The capital of France is Paris, and the capital of",
          "In 1905 Einstein published four papers that changed physics; the first of them explained"]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls on a shared 2-core machine: one thread is ~100x faster than two spinning OpenMP threads.
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="module")

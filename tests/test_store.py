@@ -539,3 +539,24 @@ def test_lock_timeout_honoured_while_guard_is_frozen(tmp_path, holders):
     if outcome == ["acquired"]:
         waiter.release()
     assert finished, "acquire(timeout_s=1.0) was still blocked after 4 s"
+
+
+def test_content_digest_follows_bytes_not_location(tmp_path):
+    """Stage keys hold content_digest of local inputs (sft data, chat-eval dir): moving data keeps the key."""
+    from tasks.store import content_digest, sha256_file
+
+    data = tmp_path / "a" / "data"
+    (data / "sub").mkdir(parents=True)
+    (data / "x.jsonl").write_text('{"messages": []}\n')
+    (data / "sub" / "y.jsonl").write_text("y\n")
+    assert content_digest(str(data / "x.jsonl")) == sha256_file(data / "x.jsonl")
+    before = content_digest(str(data))
+    moved = tmp_path / "b" / "elsewhere"
+    moved.parent.mkdir()
+    data.rename(moved)
+    assert content_digest(str(moved)) == before
+    (moved / "sub" / "y.jsonl").write_text("z\n")
+    assert content_digest(str(moved)) != before
+    assert content_digest("hf://datasets/openai/gsm8k") == "hf://datasets/openai/gsm8k"  # a URL is its own identity
+    with pytest.raises(FileNotFoundError, match="fix"):
+        content_digest(str(tmp_path / "missing"))
