@@ -66,7 +66,7 @@ def test_first_run_completes_and_rerun_is_cached(run):
         assert key in summary
     assert summary["step"] == 20
     bpb = [m["val/bpb"] for m in map(json.loads, (pre / "metrics.jsonl").read_text().splitlines()) if "val/bpb" in m]
-    assert len(bpb) == 3 and bpb[-1] < bpb[0]  # smoke training learns something
+    assert len(bpb) == 3 and bpb[0] - 0.4 > bpb[1] > bpb[2] + 0.1, bpb  # smoke learns clearly: 4.15, 3.24, 2.99
     assert summary["core_tasks"] == "21/22" and summary["missing_tasks"] == ["coqa"]  # the mirror lacks coqa
     assert -1.0 <= summary["core_metric"] <= 1.0 and summary["val_bpb"] > 0
     evaluated = artifact(run, "base_eval")
