@@ -7,6 +7,17 @@ process: no shards, tokenizer or Prefect needed, so it runs anywhere `model/` ru
     python -m bench.train_throughput --depth 12                       # CPU or GPU, prints JSON
     python -m bench.train_throughput --depth 12 --fp8-compare          # CUDA: bf16 vs FP8 steps, same run
     python -m bench.train_throughput --depth 4 --max-seq-len 256 --device-batch-size 8   # CPU-sized
+    python -m bench.train_throughput --compare-compile                 # eager vs compiled model.train, real data
+
+--compare-compile runs the real entry point (`python -m model.train`, real shards, a real tokenizer) twice,
+`--compile=off` then `--compile=on`, one right after the other, and reads each run's metrics.jsonl. Defaults:
+d4 / seq 256 / device batch 8 / total batch 4096 / vocab 32768 / window L / head dim 64, 60 steps, the
+smoke/cpu presets' small-batch LRs (--lr-multiplier); the tokenizer is trained on the first shard of
+--data-dir unless --tokenizer-dir is given. Keys:
+eager_ms_per_step, compiled_ms_per_step (medians over steps >= 11), eager_tok_per_sec, compiled_tok_per_sec,
+compile_first_step_s (the compiled run's step 0), eager_first_step_s, speedup, eager_val_bpb,
+compiled_val_bpb (at the last step), val_bpb_rel_diff, break_even_steps (the step count at which compiling
+has paid for its first step).
 
 Keys: device, depth, tok_per_sec, ms_per_step (medians), and on CUDA mfu (bf16 dense peak, as the reference)
 and, with --fp8-compare, fp8_speedup (bf16 ms / fp8 ms for the model) and fp8_mlp_gemm_speedup_d26
@@ -17,8 +28,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -47,7 +63,7 @@ def build(args, device, fp8: bool):
         from kernels.fp8 import convert_to_float8_training
 
         convert_to_float8_training(model)
-    optimizer = model.setup_optimizer()
+    optimizer = model.setup_optimizer(compile=args.compile)
     compiled = torch.compile(model, dynamic=False) if args.compile else model
     return model, compiled, optimizer
 
@@ -104,21 +120,124 @@ def mlp_gemm_speedup(device, repeats: int = 20) -> float:
     return bf16_s / fp8_s
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_PRETRAIN = REPO_ROOT.parent / "shared" / "data" / "pretrain"
+TIMED_FROM_STEP = 11  # model.train's own rule: steps 0..10 (compile warm-up) are not timed
+REFERENCE_LRS = {"embedding_lr": 0.3, "unembedding_lr": 0.008, "matrix_lr": 0.02, "scalar_lr": 0.5}
+# The smoke and cpu presets' LRs: 8x the reference's, whose sqrt(batch / 2^19) scaling leaves tiny batches
+# far behind the unscaled smear/backout LR; training then spikes and is chaotic (two eager runs at 1 and 2
+# threads end ~10% apart in loss), so eager-vs-compiled val bpb would measure chaos, not compile.
+SMALL_BATCH_LR_MULTIPLIER = 8.0
+
+
+def bench_tokenizer(data_dir: Path, vocab_size: int, out: Path, max_chars: int = 20_000_000) -> Path:
+    """A real BPE tokenizer of `vocab_size` trained on the first shard (what --tokenizer-dir would give)."""
+    from model.data import iter_documents
+    from model.tokenizer import train_tokenizer, training_texts
+
+    shards = sorted(data_dir.glob("shard_*.parquet"))
+    if len(shards) < 2:
+        raise SystemExit(f"--compare-compile needs at least 2 shard_*.parquet in {data_dir} (last = val); "
+                         "fix: pass --data-dir")
+    texts = training_texts(iter_documents(shards[:1]), max_chars=max_chars, doc_cap=10_000)
+    train_tokenizer(texts, vocab_size=vocab_size).save(out)
+    return out
+
+
+def train_run(args, out_dir: Path, tokenizer_dir: Path, compile_mode: str) -> dict:
+    """One `python -m model.train` run; its per-step times and val bpb from metrics.jsonl."""
+    cmd = [sys.executable, "-m", "model.train", f"--depth={args.depth}", f"--aspect-ratio={args.aspect_ratio}",
+           f"--head-dim={args.head_dim}", f"--max-seq-len={args.max_seq_len}",
+           f"--window-pattern={args.window_pattern}", f"--device-batch-size={args.device_batch_size}",
+           f"--total-batch-size={args.total_batch_size}", f"--num-iterations={args.steps}",
+           f"--eval-every={args.steps}", f"--eval-tokens={args.eval_tokens}", "--core-metric-every=-1",
+           "--sample-every=-1", f"--compile={compile_mode}", "--run=dummy", "--wandb-mode=disabled",
+           *(f"--{name.replace('_', '-')}={value * args.lr_multiplier}" for name, value in REFERENCE_LRS.items()),
+           "--resume=none", f"--out-dir={out_dir}", f"--data-dir={args.data_dir}", f"--tokenizer-dir={tokenizer_dir}"]
+    if args.device_type:
+        cmd.append(f"--device-type={args.device_type}")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"model.train --compile={compile_mode} failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    dts = {r["step"]: r["train/dt"] for r in records if "train/dt" in r}
+    bpb = {r["step"]: r["val/bpb"] for r in records if "val/bpb" in r}
+    timed = [dt for step, dt in dts.items() if step >= TIMED_FROM_STEP]
+    ms = 1000 * statistics.median(timed)
+    return {"ms_per_step": ms, "tok_per_sec": args.total_batch_size / (ms / 1000), "first_step_s": dts[0],
+            "val_bpb": bpb[args.steps], "val_bpb_step0": bpb[0], "wall_s": wall,
+            "compile_fallback": "running it eagerly" in proc.stderr}
+
+
+def compare_compile(args) -> dict:
+    """Eager and compiled model.train side by side on the same data, tokenizer and config."""
+    import torch
+
+    with tempfile.TemporaryDirectory(prefix="bench-compile-") as tmp:
+        tmp = Path(tmp)
+        t0 = time.perf_counter()
+        tokenizer_dir = args.tokenizer_dir or bench_tokenizer(args.data_dir, args.vocab_size, tmp / "tokenizer")
+        tokenizer_s = time.perf_counter() - t0
+        eager = train_run(args, tmp / "eager", tokenizer_dir, "off")
+        compiled = train_run(args, tmp / "compiled", tokenizer_dir, "on")
+    saved_s = (eager["ms_per_step"] - compiled["ms_per_step"]) / 1000
+    extra_first_s = compiled["first_step_s"] - eager["first_step_s"]
+    return {
+        "device": args.device_type or "auto", "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "depth": args.depth, "max_seq_len": args.max_seq_len, "device_batch_size": args.device_batch_size,
+        "total_batch_size": args.total_batch_size, "vocab_size": args.vocab_size, "steps": args.steps,
+        "eager_ms_per_step": eager["ms_per_step"], "compiled_ms_per_step": compiled["ms_per_step"],
+        "speedup": eager["ms_per_step"] / compiled["ms_per_step"],
+        "eager_tok_per_sec": eager["tok_per_sec"], "compiled_tok_per_sec": compiled["tok_per_sec"],
+        "eager_first_step_s": eager["first_step_s"], "compile_first_step_s": compiled["first_step_s"],
+        "eager_val_bpb": eager["val_bpb"], "compiled_val_bpb": compiled["val_bpb"],
+        "val_bpb_rel_diff": abs(compiled["val_bpb"] - eager["val_bpb"]) / eager["val_bpb"],
+        "val_bpb_step0": eager["val_bpb_step0"], "lr_multiplier": args.lr_multiplier,
+        "break_even_steps": extra_first_s / saved_s if saved_s > 0 else None,
+        "eager_wall_s": eager["wall_s"], "compiled_wall_s": compiled["wall_s"],
+        "compile_fallback": compiled["compile_fallback"], "tokenizer_s": tokenizer_s,
+        "load_average_1m": os.getloadavg()[0],  # other processes on the machine skew CPU timings
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--depth", type=int, default=12)
+    p.add_argument("--depth", type=int, default=None, help="default 12 (4 with --compare-compile)")
     p.add_argument("--aspect-ratio", type=int, default=64)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--max-seq-len", type=int, default=2048)
-    p.add_argument("--window-pattern", default="SSSL")
+    p.add_argument("--head-dim", type=int, default=None, help="default 128 (64 with --compare-compile)")
+    p.add_argument("--max-seq-len", type=int, default=None, help="default 2048 (256 with --compare-compile)")
+    p.add_argument("--window-pattern", default=None, help="default SSSL (L with --compare-compile)")
     p.add_argument("--vocab-size", type=int, default=32768)
-    p.add_argument("--device-batch-size", type=int, default=16)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--device-batch-size", type=int, default=None, help="default 16 (8 with --compare-compile)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 20; 60 with --compare-compile)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on CUDA only")
     p.add_argument("--fp8", action="store_true", help="time the FP8 model only")
     p.add_argument("--fp8-compare", action="store_true", help="CUDA: time bf16 and FP8 side by side")
+    p.add_argument("--compare-compile", action="store_true",
+                   help="run model.train eager and compiled on real data, side by side")
+    p.add_argument("--total-batch-size", type=int, default=4096, help="--compare-compile: tokens per step")
+    p.add_argument("--eval-tokens", type=int, default=65536, help="--compare-compile: val tokens at 0 and the end")
+    p.add_argument("--data-dir", type=Path, default=SHARED_PRETRAIN, help="--compare-compile: shards (last = val)")
+    p.add_argument("--tokenizer-dir", type=Path, default=None,
+                   help="--compare-compile: a tokenizer directory (default: train one of --vocab-size)")
+    p.add_argument("--device-type", default="", help="--compare-compile: cuda|cpu; empty = autodetect")
+    p.add_argument("--lr-multiplier", type=float, default=SMALL_BATCH_LR_MULTIPLIER,
+                   help="--compare-compile: x the reference LRs (default 8, as the smoke/cpu presets; 1 = reference)")
     args = p.parse_args()
+    small = args.compare_compile
+    for name, default, cpu_default in (("depth", 12, 4), ("head_dim", 128, 64), ("max_seq_len", 2048, 256),
+                                       ("window_pattern", "SSSL", "L"), ("device_batch_size", 16, 8),
+                                       ("steps", 20, 60)):
+        if getattr(args, name) is None:
+            setattr(args, name, cpu_default if small else default)
+    if args.compare_compile:
+        print(json.dumps(compare_compile(args), indent=2))
+        return
+
     device = torch.device(autodetect_device_type())
     if args.compile is None:
         args.compile = device.type == "cuda"

@@ -6,6 +6,7 @@
 - get_peak_flops(device_name): peak dense BF16 FLOP/s of a GPU from its name, for MFU.
 - print0(...): print on global rank 0 only.
 - compute_init(device_type): seed, precision and (under torchrun) the process group; synchronize(device).
+- decide_compile(mode, device_type, planned_steps): whether a training run compiles (--compile auto|on|off).
 """
 
 from __future__ import annotations
@@ -146,6 +147,36 @@ def compute_init(device_type: str) -> tuple[bool, int, int, int, torch.device]:
     dist.barrier()
     return True, rank, local_rank, world, device
 
+
+
+# --compile auto on CPU: compiling the model and the optimizer's step functions costs a long first step
+# (inductor builds C++ kernels) and then saves a fixed time per step; it pays only when the run is long
+# enough. Measured on a 2-core x86 VM (torch 2.13.0+cpu) with `python -m bench.train_throughput
+# --compare-compile` (d4, T=256, device batch 8, total batch 4096, vocab 32768): see CPU_COMPILE_NOTE.
+# On CUDA compiling always pays (seconds of compile against hours of training).
+CPU_COMPILE_MIN_STEPS = 150
+CPU_COMPILE_NOTE = "break-even measured at ~70 steps on 2 CPU cores; auto compiles from 150 planned steps"
+
+
+def decide_compile(mode: str, device_type: str, planned_steps: int) -> tuple[bool, str]:
+    """(compile?, why) for --compile `mode` on `device_type` with `planned_steps` optimizer steps.
+
+    Decided from the plan, never from the steps left after a resume: a resumed run must run the same code
+    as the run it continues. auto: always on CUDA; on CPU from CPU_COMPILE_MIN_STEPS planned steps.
+    """
+    if mode == "on":
+        return True, "--compile=on"
+    if mode == "off":
+        return False, "--compile=off"
+    if mode != "auto":
+        raise ValueError(f"--compile must be auto, on or off, got {mode!r}")
+    if device_type == "cuda":
+        return True, "--compile=auto on CUDA"
+    if device_type == "cpu" and planned_steps >= CPU_COMPILE_MIN_STEPS:
+        return True, f"--compile=auto: {planned_steps} planned steps >= {CPU_COMPILE_MIN_STEPS} ({CPU_COMPILE_NOTE})"
+    if device_type == "cpu":
+        return False, f"--compile=auto: {planned_steps} planned steps < {CPU_COMPILE_MIN_STEPS} ({CPU_COMPILE_NOTE})"
+    return False, f"--compile=auto: not compiled on {device_type}"
 
 
 def compute_cleanup() -> None:

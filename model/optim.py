@@ -12,8 +12,11 @@ the stack (K x r x c) of a group's same-shape matrices: Nesterov momentum, optio
 (when `model.common.COMPUTE_DTYPE` is bf16), MuonEq row equilibration, Polar Express
 orthogonalisation, Muon+ renormalisation, NorMuon variance reduction and cautious weight decay
 with the tall-matrix learning-rate boost. Hyper-parameters reach the step functions as 0-D CPU
-tensors so that schedule changes never recompile; the two step functions are compiled with
-`torch.compile(fullgraph=True, dynamic=False)` on CUDA only and run eagerly on CPU.
+tensors so that schedule changes never recompile. The two step functions are compiled with
+`torch.compile(fullgraph=True, dynamic=False)` when the optimizer is built with `compile=True` (any
+device; the training entry points pass their own compile decision) or, by default, on CUDA. Where
+compiling fails (no C++ compiler for inductor on CPU, an unsupported Python), the optimizer says why
+once and runs the same functions eagerly.
 
 Distributed scheme (chosen: the spec's ZeRO-2-style sharding, spec/04 §4). When a process group
 with world size W > 1 is initialised, `step()` averages the gradients itself (the model is not
@@ -30,8 +33,8 @@ sharded: `state_dict()` / `load_state_dict()` are per rank and a resume needs th
 
 from __future__ import annotations
 
-import functools
 import math
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -53,7 +56,7 @@ MUON_DEFAULTS = {"momentum": 0.95, "ns_steps": 5, "beta2": 0.9, "weight_decay": 
 
 
 # ----------------------------------------------------------------------------------------------
-# Step functions (pure tensor code; compiled on CUDA, eager on CPU)
+# Step functions (pure tensor code; compiled or eager, see StepFunction)
 
 
 def adamw_step_fused(p, grad, exp_avg, exp_avg_sq, step_t, lr_t, beta1_t, beta2_t, eps_t, wd_t) -> None:
@@ -158,19 +161,60 @@ def muon_step_fused(
     params.copy_(pf)
 
 
-@functools.cache
-def _compiled(fn):
+def _raise_recompile_limit() -> None:
     # One graph per distinct (shape, dtype) of the inputs: a GPT has ~8 AdamW shapes plus its Muon
     # shapes, more than dynamo's default limit of 8 recompiles per function, so raise it.
     import torch._dynamo.config as dynamo_config
 
     name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
     setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
-    return torch.compile(fn, fullgraph=True, dynamic=False)
 
 
-def _step_fn(fn, device: torch.device):
-    return _compiled(fn) if device.type == "cuda" else fn
+def _compile_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "this function cannot be compiled here", raised before anything runs."""
+    import torch._dynamo.exc as dynamo_exc
+
+    errors = [dynamo_exc.BackendCompilerFailed, dynamo_exc.Unsupported]
+    try:
+        from torch._inductor.exc import InductorError, InvalidCxxCompiler
+
+        errors += [InductorError, InvalidCxxCompiler]
+    except ImportError:  # older torch: these surface as BackendCompilerFailed
+        pass
+    return tuple(errors)
+
+
+class StepFunction:
+    """A step function, compiled on first use when asked; eager (with one warning saying why) when
+    compiling is impossible here. Compile errors are raised before the graph runs, so falling back never
+    applies an update twice."""
+
+    def __init__(self, fn, compile: bool):
+        self.fn = fn
+        self.compiled = None
+        self.fallback_reason: str | None = None
+        if compile:
+            if not hasattr(torch, "compile"):
+                self.fallback_reason = "this torch has no torch.compile"
+            else:
+                _raise_recompile_limit()
+                self.compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+
+    @property
+    def is_compiled(self) -> bool:
+        return self.compiled is not None
+
+    def __call__(self, *args):
+        if self.compiled is None:
+            return self.fn(*args)
+        try:
+            return self.compiled(*args)
+        except _compile_errors() as exc:
+            self.compiled = None
+            self.fallback_reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
+            warnings.warn(f"MuonAdamW: torch.compile of {self.fn.__name__} failed, running it eagerly "
+                          f"({self.fallback_reason})", RuntimeWarning, stacklevel=2)
+            return self.fn(*args)
 
 
 def _use_bf16() -> bool:
@@ -203,7 +247,9 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 class MuonAdamW(torch.optim.Optimizer):
     """AdamW + Muon over kind-tagged parameter groups (see the module docstring and spec/04)."""
 
-    def __init__(self, param_groups: list[dict]):
+    def __init__(self, param_groups: list[dict], compile: bool | None = None):
+        """`compile`: compile the two step functions (True), run them eagerly (False), or None: compile on
+        CUDA only (the parameters' device), the choice for callers that do not decide themselves."""
         groups = []
         for group in param_groups:
             group = dict(group)
@@ -229,6 +275,10 @@ class MuonAdamW(torch.optim.Optimizer):
         super().__init__(groups, {})
         for group in self.param_groups:
             group.setdefault("initial_lr", group["lr"])
+        if compile is None:
+            compile = any(p.is_cuda for group in self.param_groups for p in group["params"])
+        self.adamw_step = StepFunction(adamw_step_fused, compile)
+        self.muon_step = StepFunction(muon_step_fused, compile)
         # 0-D CPU hyper-parameter tensors, refilled before every call (no recompiles on change).
         f32 = dict(dtype=torch.float32, device="cpu")
         self._step_t = torch.tensor(0.0, **f32)
@@ -256,9 +306,8 @@ class MuonAdamW(torch.optim.Optimizer):
         self._beta2_t.fill_(beta2)
         self._eps_t.fill_(group["eps"])
         self._wd_t.fill_(group["weight_decay"])
-        fn = _step_fn(adamw_step_fused, p.device)
-        fn(p_part, grad, state["exp_avg"], state["exp_avg_sq"], self._step_t, self._lr_t,
-           self._beta1_t, self._beta2_t, self._eps_t, self._wd_t)
+        self.adamw_step(p_part, grad, state["exp_avg"], state["exp_avg_sq"], self._step_t, self._lr_t,
+                        self._beta1_t, self._beta2_t, self._eps_t, self._wd_t)
 
     def _muon_update(self, group: dict, stacked_params: torch.Tensor, stacked_grads: torch.Tensor, slots: int) -> None:
         """Muon on a stack of owned params; state (`slots` x ...) lives under the group's first param."""
@@ -273,9 +322,8 @@ class MuonAdamW(torch.optim.Optimizer):
         self._lr_t.fill_(group["lr"])
         self._wd_t.fill_(group["weight_decay"])
         self._beta2_t.fill_(group["beta2"])
-        fn = _step_fn(muon_step_fused, stacked_params.device)
-        fn(stacked_grads, stacked_params, state["momentum_buffer"][:k], state["second_momentum_buffer"][:k],
-           self._momentum_t, self._lr_t, self._wd_t, self._beta2_t, int(group["ns_steps"]), _use_bf16())
+        self.muon_step(stacked_grads, stacked_params, state["momentum_buffer"][:k], state["second_momentum_buffer"][:k],
+                       self._momentum_t, self._lr_t, self._wd_t, self._beta2_t, int(group["ns_steps"]), _use_bf16())
 
     # -- step ----------------------------------------------------------------------------------
 

@@ -41,7 +41,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from model import checkpoint as ckpt  # noqa: E402
-from model.common import COMPUTE_DTYPE, autodetect_device_type, compute_cleanup, compute_init, get_peak_flops, synchronize  # noqa: E402
+from model.common import (COMPUTE_DTYPE, autodetect_device_type, compute_cleanup, compute_init,  # noqa: E402
+                          decide_compile, get_peak_flops, synchronize)
 from model.gpt import GPT, GPTConfig  # noqa: E402
 from model.loss_eval import evaluate_bpb  # noqa: E402
 from model.sft_loader import SFTLoader  # noqa: E402
@@ -105,7 +106,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--save-every", type=int, default=-1, help="checkpoint period in steps (-1 = only the last step)")
     a("--keep-checkpoints", type=int, default=2, help="complete checkpoints kept on disk (older ones are pruned)")
     a("--resume", default="auto", choices=["auto", "none"], help="auto: continue from the last complete checkpoint")
-    a("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile (auto: on CUDA only)")
+    a("--compile", default="auto", choices=["auto", "on", "off"],
+      help="torch.compile of the model and the optimizer (auto: on CUDA; on CPU when the run is long enough to pay)")
     a("--wandb-mode", default=os.environ.get("WANDB_MODE", "offline"), choices=["offline", "online", "disabled"])
     args = p.parse_args(argv)
     args.sources = dict(args.__dict__.pop("source"))  # NAME=PATH items; a repeated NAME keeps the last
@@ -322,7 +324,10 @@ def main(argv: list[str] | None = None) -> dict:
         say(f"base model: step {base_step} of {base_dir}")
     model.train()
     orig_model = model
-    use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    # planned steps: --num-iterations, else at most one step per B x world x accum conversations (one pass)
+    planned_steps = args.num_iterations if args.num_iterations > 0 else len(train_ds) // (B * world * accum)
+    use_compile, compile_reason = decide_compile(args.compile, device.type, planned_steps)
+    say(f"torch.compile: {'on' if use_compile else 'off'} ({compile_reason})")
     if use_compile:
         model = torch.compile(model, dynamic=False)
     flops_per_token = orig_model.estimate_flops()
@@ -331,7 +336,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # --- optimizer: fresh LRs, no weight decay, warm state from the base run, then x init_lr_frac
     optimizer = orig_model.setup_optimizer(unembedding_lr=hp["unembedding_lr"], embedding_lr=hp["embedding_lr"],
-                                           matrix_lr=hp["matrix_lr"], weight_decay=0.0)
+                                           matrix_lr=hp["matrix_lr"], weight_decay=0.0, compile=use_compile)
     warm_started = (meta or {}).get("optimizer_warm_start", False)
     loader_state, first_batch = None, None
     if resume_step is not None:

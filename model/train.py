@@ -29,7 +29,8 @@ os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")  # befor
 import torch  # noqa: E402
 
 from model import checkpoint as ckpt  # noqa: E402
-from model.common import COMPUTE_DTYPE, autodetect_device_type, compute_cleanup, compute_init, get_peak_flops, synchronize  # noqa: E402
+from model.common import (COMPUTE_DTYPE, autodetect_device_type, compute_cleanup, compute_init,  # noqa: E402
+                          decide_compile, get_peak_flops, synchronize)
 from model.data import read_shard_paths  # noqa: E402
 from model.dataloader import BestFitLoader, val_loader  # noqa: E402
 from model.engine import Engine  # noqa: E402
@@ -92,7 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--allow-missing-tasks", action="store_true", help="CORE over the bundle's tasks present (e.g. 21/22)")
     a("--resume", default="auto", choices=["auto", "none"], help="auto: continue from the last complete checkpoint")
     a("--data-streams", type=int, default=-1, help="data streams the batch is split into; -1 = world size")
-    a("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile (auto: on CUDA only)")
+    a("--compile", default="auto", choices=["auto", "on", "off"],
+      help="torch.compile of the model and the optimizer (auto: on CUDA; on CPU when the run is long enough to pay)")
     a("--keep-checkpoints", type=int, default=2, help="complete checkpoints kept on disk (older ones are pruned)")
     a("--wandb-mode", default=os.environ.get("WANDB_MODE", "offline"), choices=["offline", "online", "disabled"])
     return p.parse_args(argv)
@@ -190,7 +192,8 @@ def main(argv: list[str] | None = None) -> dict:
         converted = convert_to_float8_training(model)
         say(f"FP8: converted {converted} linear layers")
     orig_model = model
-    use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    use_compile, compile_reason = decide_compile(args.compile, device.type, num_iterations)
+    say(f"torch.compile: {'on' if use_compile else 'off'} ({compile_reason})")
     if use_compile:
         model = torch.compile(model, dynamic=False)
 
@@ -207,7 +210,8 @@ def main(argv: list[str] | None = None) -> dict:
     lr_scale = plan.batch_lr_scale
     optimizer = orig_model.setup_optimizer(
         unembedding_lr=args.unembedding_lr * lr_scale, embedding_lr=args.embedding_lr * lr_scale,
-        matrix_lr=args.matrix_lr * lr_scale, weight_decay=plan.weight_decay_scaled, scalar_lr=args.scalar_lr * lr_scale)
+        matrix_lr=args.matrix_lr * lr_scale, weight_decay=plan.weight_decay_scaled, scalar_lr=args.scalar_lr * lr_scale,
+        compile=use_compile)
 
     num_streams = args.data_streams if args.data_streams > 0 else world
     if num_streams % world:

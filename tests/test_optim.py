@@ -336,3 +336,50 @@ def test_distributed_matches_single_process_mean_gradient(tmp_path):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
     moved = [not torch.equal(a, b) for a, b in zip(ranks[0]["init"], ranks[0]["final"])]
     assert all(moved)
+
+
+# ------------------------------------------------------------------------------- compiled step functions
+
+
+def _three_steps(compile: bool) -> tuple[list[torch.Tensor], MuonAdamW]:
+    torch.manual_seed(0)
+    muon_params = [torch.nn.Parameter(torch.randn(12, 20)) for _ in range(2)]
+    adamw_param = torch.nn.Parameter(torch.randn(7, 3))
+    opt = MuonAdamW([muon_group(muon_params, weight_decay=0.1), adamw_group([adamw_param])], compile=compile)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for p in (*muon_params, adamw_param):
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+    return [p.detach().clone() for p in (*muon_params, adamw_param)], opt
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_compiled_step_functions_on_cpu_match_eager(fresh_dynamo):
+    """model.train compiles the optimizer on CPU when it compiles the model: same updates as eager."""
+    eager, opt = _three_steps(compile=False)
+    assert not opt.adamw_step.is_compiled and not opt.muon_step.is_compiled
+    compiled, opt = _three_steps(compile=True)
+    assert opt.adamw_step.is_compiled and opt.muon_step.is_compiled and opt.muon_step.fallback_reason is None
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_compile_failure_falls_back_to_eager_and_says_why(fresh_dynamo, monkeypatch):
+    """A machine where inductor cannot build (no C++ compiler) trains eagerly, with one warning per function."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)  # a cached kernel would not need the compiler
+    eager, _ = _three_steps(compile=False)
+    with pytest.warns(RuntimeWarning, match="running it eagerly") as caught:
+        fallback, opt = _three_steps(compile=True)
+    assert sum("running it eagerly" in str(w.message) for w in caught) == 2  # once per step function
+    assert not opt.muon_step.is_compiled and "C++ compiler" in opt.muon_step.fallback_reason
+    assert all(torch.equal(a, b) for a, b in zip(fallback, eager))

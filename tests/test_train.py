@@ -144,3 +144,18 @@ def test_prune_checkpoints_keeps_the_newest_complete_ones(tmp_path):
     assert not list(tmp_path.glob("*_000004*"))
     assert (tmp_path / "model_000016.pt").exists()  # not complete, so not ours to judge
     assert ckpt.last_complete_step(tmp_path) == 12
+
+
+def test_compile_auto_decides_from_the_planned_steps():
+    from model.common import CPU_COMPILE_MIN_STEPS, decide_compile
+
+    assert decide_compile("auto", "cuda", 5)[0] is True
+    assert decide_compile("auto", "cpu", 20)[0] is False  # smoke: compiling would cost more than it saves
+    assert decide_compile("auto", "cpu", 600)[0] is True  # the cpu preset
+    assert decide_compile("auto", "cpu", CPU_COMPILE_MIN_STEPS)[0] is True
+    assert decide_compile("auto", "mps", 10_000)[0] is False
+    assert decide_compile("on", "cpu", 1) == (True, "--compile=on")
+    assert decide_compile("off", "cuda", 10_000) == (False, "--compile=off")
+    assert "planned steps" in decide_compile("auto", "cpu", 20)[1]
+    with pytest.raises(ValueError, match="auto, on or off"):
+        decide_compile("yes", "cpu", 1)
