@@ -9,19 +9,28 @@ of tokens is located (common token prefix / common token suffix / the continuati
 - multiple_choice, schema: the option with the lowest mean cross-entropy over its span (first on ties);
 - language_modeling: greedy exact match of the whole continuation.
 
-Two evaluators produce the same per-item decisions:
+Three evaluators (``evaluate_task(method=...)``) produce the same per-item decisions:
 
-- ``evaluate_example_reference``: the reference algorithm, one forward per item with its option
-  sequences right-padded with BOS (spec §3.4).
-- the batched evaluator inside ``evaluate_task``: every option sequence of every item this rank
-  owns, sorted by length and packed into forwards of at most ``token_budget`` padded tokens.
+- ``"reference"`` (``evaluate_example_reference``): the reference algorithm, one forward per item with
+  its option sequences right-padded with BOS (spec §3.4).
+- ``"batched"``: every option sequence of every item this rank owns, sorted by length and packed into
+  forwards of at most ``token_budget`` padded tokens.
+- ``"prefix"`` (the default): the options of an item share a long prefix (the few-shot examples and,
+  for multiple choice, the question). Each item's shared prefix runs once, into a KV cache, batched
+  across items (``engine.prefill_padded``); every option then runs only its continuation against a copy
+  of that cache (smear continues correctly across the boundary, see ``GPT._cached_smear``), and the
+  vocabulary projection is applied at the scored positions only. A prefix never reaches into a scored
+  span, so every scored logit comes from the continuation pass. Items with a single sequence (language
+  modeling) or whose options share nothing (left truncation cut them differently) take the batched
+  path, projected at their scored positions only.
 
 Causal attention makes right padding harmless in exact arithmetic, but a different batch
-composition means different GEMM / attention shapes and so float results that differ in the last
-bits. The batched evaluator therefore only decides an item itself when its margin (loss gap between
-options, or logit gap at the exact-match positions) exceeds ``tie_tolerance``; near-ties are
-re-decided by the reference algorithm. Decisions are thus those of the reference by construction,
-as long as the batched-vs-reference discrepancy stays below the tolerance (the tests measure it).
+composition (or a KV-cache split) means different GEMM / attention shapes and so float results that
+differ in the last bits. The batched and prefix evaluators therefore only decide an item themselves
+when its margin (loss gap between options, or logit gap at the exact-match positions) exceeds
+``tie_tolerance``; near-ties are re-decided by the reference algorithm. Decisions are thus those of
+the reference by construction, as long as the discrepancy stays below the tolerance (the tests
+measure it).
 
 Prompts longer than the model's context (`context_limit`) keep their last tokens, spans shifted. Under
 torch.distributed rank r evaluates items r, r+W, ... and the per-item 0/1 are summed over ranks, so any
@@ -322,23 +331,13 @@ def pack_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
     return batches
 
 
-def _score_batch(model, sequences: Sequence[Sequence[int]], starts: Sequence[int], ends: Sequence[int],
-                 exact_match: Sequence[bool], pad_id: int, device) -> list[float]:
-    """One forward over right-padded sequences; per sequence either the mean cross-entropy over its span
-    (NaN for an empty span) or, for exact-match sequences, the smallest logit margin of the target token
-    over the best other token along its span (> 0 everywhere <=> greedy decoding reproduces it)."""
-    input_ids = _padded_batch(sequences, pad_id, device)
-    logits = model(input_ids)
-    rows, positions, bounds = [], [], [0]
-    for r, (start, end) in enumerate(zip(starts, ends)):
-        rows.extend([r] * (end - start))
-        positions.extend(range(start - 1, end - 1))
-        bounds.append(len(positions))
-    rows_t = torch.tensor(rows, dtype=torch.long, device=device)
-    pos_t = torch.tensor(positions, dtype=torch.long, device=device)
-    # Only the scored positions go through the loss: fp32, as the reference computes it.
-    span_logits = logits[rows_t, pos_t].float()
-    targets = input_ids[rows_t, pos_t + 1]
+def _span_scores(span_logits: torch.Tensor, targets: torch.Tensor, bounds: Sequence[int],
+                 exact_match: Sequence[bool]) -> list[float]:
+    """Scores from the logits at the scored positions of several sequences (rows of `span_logits`;
+    sequence r owns rows bounds[r]:bounds[r+1]): either the mean cross-entropy over its span (NaN for an
+    empty span) or, for exact-match sequences, the smallest logit margin of the target token over the
+    best other token along its span (> 0 everywhere <=> greedy decoding reproduces it)."""
+    span_logits = span_logits.float()  # the loss in fp32, as the reference computes it
     losses = F.cross_entropy(span_logits, targets, reduction="none")
     target_logit = span_logits.gather(1, targets[:, None]).squeeze(1)
     best_other = span_logits.scatter(1, targets[:, None], float("-inf")).amax(dim=1)
@@ -352,6 +351,31 @@ def _score_batch(model, sequences: Sequence[Sequence[int]], starts: Sequence[int
         else:
             scores.append(losses[a:b].mean().item())  # mean of an empty span is NaN, as in the reference
     return scores
+
+
+def _span_index(starts: Sequence[int], ends: Sequence[int], offsets: Sequence[int], device):
+    """(rows, positions, bounds): for sequence r, the positions (start - 1 .. end - 2) - offsets[r] whose
+    logits predict its span, as flat row/position index tensors, and where each sequence's entries start."""
+    rows, positions, bounds = [], [], [0]
+    for r, (start, end, offset) in enumerate(zip(starts, ends, offsets)):
+        rows.extend([r] * (end - start))
+        positions.extend(range(start - 1 - offset, end - 1 - offset))
+        bounds.append(len(positions))
+    return (torch.tensor(rows, dtype=torch.long, device=device),
+            torch.tensor(positions, dtype=torch.long, device=device), bounds)
+
+
+def _score_batch(model, sequences: Sequence[Sequence[int]], starts: Sequence[int], ends: Sequence[int],
+                 exact_match: Sequence[bool], pad_id: int, device, span_logits_only: bool = False) -> list[float]:
+    """One forward over right-padded sequences; their `_span_scores`. With `span_logits_only` the vocabulary
+    projection runs at the scored positions only (`hidden_states` + `logits`), not at every position."""
+    input_ids = _padded_batch(sequences, pad_id, device)
+    rows_t, pos_t, bounds = _span_index(starts, ends, [0] * len(sequences), device)
+    if span_logits_only:
+        span_logits = model.logits(model.hidden_states(input_ids)[rows_t, pos_t])
+    else:
+        span_logits = model(input_ids)[rows_t, pos_t]
+    return _span_scores(span_logits, input_ids[rows_t, pos_t + 1], bounds, exact_match)
 
 
 def batched_decision(example: PreparedExample, scores: Sequence[float], tolerance: float) -> bool | None:
@@ -388,12 +412,14 @@ class BatchedStats:
     padded_tokens: int = 0
     real_tokens: int = 0
     rechecked: int = 0  # near-ties re-decided by the reference algorithm
+    prefix_shared: int = 0  # items whose options ran as continuations of one shared prefix (method "prefix")
 
 
 def evaluate_examples_batched(model, examples: Sequence[PreparedExample], pad_id: int, device, *,
                               token_budget: int | None = None, tie_tolerance: float | None = None,
-                              stats: BatchedStats | None = None) -> list[bool]:
-    """Reference decisions for many prepared items, computed with few large forwards (model in eval mode)."""
+                              stats: BatchedStats | None = None, span_logits_only: bool = False) -> list[bool]:
+    """Reference decisions for many prepared items, computed with few large forwards (model in eval mode).
+    `span_logits_only`: see `_score_batch`."""
     tolerance = default_tie_tolerance(device) if tie_tolerance is None else tie_tolerance
     token_budget = default_token_budget(device) if token_budget is None else token_budget
     flat = [(e, k) for e, ex in enumerate(examples) for k in range(len(ex.sequences))]
@@ -408,7 +434,7 @@ def evaluate_examples_batched(model, examples: Sequence[PreparedExample], pad_id
             [examples[e].starts[k] for e, k in members],
             [examples[e].ends[k] for e, k in members],
             [examples[e].task_type == LANGUAGE_MODELING for e, _ in members],
-            pad_id, device)
+            pad_id, device, span_logits_only)
         for (e, k), score in zip(members, batch_scores):
             scores[e][k] = score
         stats.forwards += 1
@@ -426,16 +452,120 @@ def evaluate_examples_batched(model, examples: Sequence[PreparedExample], pad_id
     return decisions
 
 
+# ------------------------------------------------------------------------------------- prefix path
+
+# The continuation pass holds a copy of its item's prefix cache per option: its rows x (prefix + continuation)
+# cache slots are kept below this multiple of the token budget.
+PREFIX_CACHE_BUDGET_FACTOR = 4
+
+
+def shared_prefix_length(example: PreparedExample) -> int:
+    """Leading tokens that every option sequence of the item holds and that no scored span needs a logit
+    from: the common token prefix, capped one below the first scored token (whose logit comes from the
+    position before it). 0 when the options share nothing, e.g. after left truncation cut them differently."""
+    return max(0, min(common_prefix_length(example.sequences), min(example.starts) - 1))
+
+
+def pack_prefix_groups(prefix_lengths: Sequence[int], continuation_lengths: Sequence[Sequence[int]],
+                       token_budget: int, max_positions: int | None) -> list[list[int]]:
+    """Items grouped for the prefix path, longest prefix first. A group's prefix forward (items x longest
+    prefix), its continuation forward (options x longest continuation) and its cache copies stay within
+    the budget (an item over it gets a group of its own), and no row's positions run past `max_positions`."""
+    order = sorted(range(len(prefix_lengths)), key=lambda i: -prefix_lengths[i])
+    groups: list[list[int]] = []
+    shape = None  # (items, longest prefix, rows, longest continuation) of the open group
+    for i in order:
+        p, c, k = prefix_lengths[i], max(continuation_lengths[i]), len(continuation_lengths[i])
+        if shape is not None:
+            items, longest_p, rows, longest_c = shape[0] + 1, shape[1], shape[2] + k, max(shape[3], c)
+            fits = (items * longest_p <= token_budget and rows * longest_c <= token_budget
+                    and rows * (longest_p + longest_c) <= PREFIX_CACHE_BUDGET_FACTOR * token_budget
+                    and (max_positions is None or longest_p + longest_c <= max_positions))
+            if fits:
+                groups[-1].append(i)
+                shape = (items, longest_p, rows, longest_c)
+                continue
+        groups.append([i])
+        shape = (1, p, k, c)
+    return groups
+
+
+def _rotary_positions(model) -> int | None:
+    rotary = getattr(model, "cos", None)
+    return rotary.size(1) if isinstance(rotary, torch.Tensor) and rotary.dim() >= 2 else None
+
+
+def evaluate_examples_prefix_shared(model, examples: Sequence[PreparedExample], pad_id: int, device, *,
+                                    token_budget: int | None = None, tie_tolerance: float | None = None,
+                                    stats: BatchedStats | None = None) -> list[bool]:
+    """Reference decisions for many prepared items, each item's shared prefix computed once (model in eval
+    mode; the model needs `hidden_states`/`logits` and the KV-cache forward of model/gpt.py)."""
+    from model.engine import prefill_padded  # the KV cache; imported here so the batched path stays light
+
+    tolerance = default_tie_tolerance(device) if tie_tolerance is None else tie_tolerance
+    token_budget = default_token_budget(device) if token_budget is None else token_budget
+    stats = stats if stats is not None else BatchedStats()
+    # A single sequence (language modeling) has nothing to share: one forward, projected at its span only.
+    shared = [shared_prefix_length(ex) if len(ex.sequences) > 1 else 0 for ex in examples]
+    decisions: list[bool | None] = [None] * len(examples)
+    unshared = [i for i, p in enumerate(shared) if p < 1]
+    if unshared:
+        for i, decision in zip(unshared, evaluate_examples_batched(
+                model, [examples[i] for i in unshared], pad_id, device, token_budget=token_budget,
+                tie_tolerance=tolerance, stats=stats, span_logits_only=True)):
+            decisions[i] = decision
+    candidates = [i for i, p in enumerate(shared) if p >= 1]
+    groups = pack_prefix_groups([shared[i] for i in candidates],
+                                [[len(seq) - shared[i] for seq in examples[i].sequences] for i in candidates],
+                                token_budget, _rotary_positions(model))
+    for group in groups:
+        items = [candidates[g] for g in group]
+        prefixes = [examples[i].sequences[0][:shared[i]] for i in items]
+        rows = [(j, i, k) for j, i in enumerate(items) for k in range(len(examples[i].sequences))]
+        continuations = [examples[i].sequences[k][shared[i]:] for _, i, k in rows]
+        capacity = max(map(len, prefixes)) + max(map(len, continuations))
+        cache = prefill_padded(model, prefixes, pad_id, capacity).select_rows([j for j, _, _ in rows])
+        cont_ids = _padded_batch(continuations, pad_id, device)
+        hidden = model.hidden_states(cont_ids, kv_cache=cache)
+        rows_t, pos_t, bounds = _span_index([examples[i].starts[k] for _, i, k in rows],
+                                            [examples[i].ends[k] for _, i, k in rows],
+                                            [shared[i] for _, i, _ in rows], device)
+        scores = _span_scores(model.logits(hidden[rows_t, pos_t]), cont_ids[rows_t, pos_t + 1], bounds,
+                              [examples[i].task_type == LANGUAGE_MODELING for _, i, _ in rows])
+        per_item: dict[int, list[float]] = {}
+        for (_, i, _), score in zip(rows, scores):
+            per_item.setdefault(i, []).append(score)
+        for i in items:
+            decision = batched_decision(examples[i], per_item[i], tolerance)
+            if decision is None:
+                stats.rechecked += 1
+                decision = reference_decision(model, examples[i], pad_id, device)
+            decisions[i] = decision
+        stats.forwards += 2
+        stats.padded_tokens += len(prefixes) * max(map(len, prefixes)) + len(rows) * cont_ids.size(1)
+        stats.real_tokens += sum(map(len, prefixes)) + sum(map(len, continuations))
+        stats.examples += len(items)
+        stats.sequences += len(rows)
+        stats.prefix_shared += len(items)
+    return decisions
+
+
 # ------------------------------------------------------------------------------------ tasks, CORE
 
 
-def evaluate_task(model, tokenizer, task: CoreTask, data: Sequence[dict], *, device, batched: bool = True,
+METHODS = ("prefix", "batched", "reference")
+
+
+def evaluate_task(model, tokenizer, task: CoreTask, data: Sequence[dict], *, device, method: str = "prefix",
                   token_budget: int | None = None, rank: int = 0, world_size: int = 1,
                   tie_tolerance: float | None = None, stats: BatchedStats | None = None,
                   max_context: int | None = None) -> list[int]:
     """Per-item 0/1 over the (shuffled, capped) `data`; rank r evaluates items r, r+W, ... and the
-    results are summed over ranks, so every rank returns the full list. `max_context` caps the prompt
-    length below the model's own limit (the reference's truncation rule: keep the last tokens)."""
+    results are summed over ranks, so every rank returns the full list. `method` is one of METHODS (same
+    decisions, see the module docstring). `max_context` caps the prompt length below the model's own
+    limit (the reference's truncation rule: keep the last tokens)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     limit = context_limit(model)
     if max_context is not None:
         limit = max_context if limit is None else min(limit, max_context)
@@ -443,7 +573,10 @@ def evaluate_task(model, tokenizer, task: CoreTask, data: Sequence[dict], *, dev
     mine = list(range(rank, len(data), world_size))
     examples = prepare_examples(tokenizer, task, data, mine, limit)
     with evaluation_mode(model):
-        if batched:
+        if method == "prefix":
+            decisions = evaluate_examples_prefix_shared(model, examples, pad_id, device, token_budget=token_budget,
+                                                        tie_tolerance=tie_tolerance, stats=stats)
+        elif method == "batched":
             decisions = evaluate_examples_batched(model, examples, pad_id, device, token_budget=token_budget,
                                                   tie_tolerance=tie_tolerance, stats=stats)
         else:
@@ -469,7 +602,7 @@ def core_metric(centered_results: dict[str, float]) -> float:
     return sum(centered_results.values()) / len(centered_results)
 
 
-def evaluate_core(model, tokenizer, bundle: Bundle, *, max_per_task: int = -1, device, batched: bool = True,
+def evaluate_core(model, tokenizer, bundle: Bundle, *, max_per_task: int = -1, device, method: str = "prefix",
                   rank: int = 0, world_size: int = 1, log: Callable[[str], Any] = print,
                   token_budget: int | None = None, max_context: int | None = None) -> dict:
     """Evaluate every task of the bundle; accuracy, centred accuracy and time per task are logged on rank 0."""
@@ -477,7 +610,7 @@ def evaluate_core(model, tokenizer, bundle: Bundle, *, max_per_task: int = -1, d
     for task in bundle.tasks:
         t0 = time.time()
         data = prepare_task_data(load_task_data(task), max_per_task)
-        outcome = evaluate_task(model, tokenizer, task, data, device=device, batched=batched,
+        outcome = evaluate_task(model, tokenizer, task, data, device=device, method=method,
                                 token_budget=token_budget, rank=rank, world_size=world_size, max_context=max_context)
         accuracy = sum(outcome) / len(outcome) if outcome else 0.0
         results[task.label] = accuracy

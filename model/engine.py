@@ -133,6 +133,45 @@ class KVCache:
             self.prev_embedding[row] = other.prev_embedding[0]
 
 
+    def select_rows(self, rows: list[int]) -> KVCache:
+        """A new cache whose row i is a copy of row rows[i] of this one (positions and smear state too):
+        e.g. one prefilled prompt per item, fanned out to one row per continuation of that item."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.k_cache.device)
+        out = KVCache.__new__(KVCache)
+        out.k_cache = self.k_cache.index_select(1, index)
+        out.v_cache = self.v_cache.index_select(1, index)
+        out.cache_seqlens = self.cache_seqlens.index_select(0, index)
+        out.positions = [self.positions[r] for r in rows]
+        out.prev_embedding = None if self.prev_embedding is None else self.prev_embedding.index_select(0, index)
+        return out
+
+
+def prefill_padded(model, prompts: list[list[int]], pad_id: int, capacity: int) -> KVCache:
+    """Several prompts of different lengths prefilled in one right-padded forward (no vocabulary
+    projection) into a fresh cache with `capacity` slots per row; each row is left at its own prompt's
+    length, with the smear state of its own last token, ready for `forward(..., kv_cache=...)`.
+
+    Slots past a row's end hold the padding's keys: the next chunk overwrites them, and the per-row
+    attention mask never reads past a row's own end. Equal to prefilling each prompt alone up to float
+    rounding (the batch shapes differ), which is why Engine.generate_prompts, which promises exact
+    greedy tokens, prefills alone, and CORE, which re-checks near-ties, uses this.
+    """
+    if not prompts or any(not p for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty token id lists")
+    lengths = [len(p) for p in prompts]
+    if max(lengths) > capacity:
+        raise ValueError(f"a {max(lengths)}-token prompt does not fit a {capacity}-slot cache")
+    device = model.get_device()
+    cache = KVCache.for_model(model, len(prompts), capacity)
+    ids = torch.tensor([p + [pad_id] * (max(lengths) - len(p)) for p in prompts], dtype=torch.long, device=device)
+    model.hidden_states(ids, kv_cache=cache)
+    cache.cache_seqlens.copy_(torch.tensor(lengths, dtype=torch.int32))
+    cache.positions = lengths
+    last = torch.tensor([[p[-1]] for p in prompts], dtype=torch.long, device=device)
+    cache.prev_embedding = model.embed_tokens(last)  # B x 1 x C: what the cached smear continues from
+    return cache
+
+
 # ------------------------------------------------------------------------------------------- sampling
 
 @torch.inference_mode()

@@ -20,7 +20,7 @@ import torch
 
 from model.checkpoint import atomic_write_text, load_model
 from model.common import autodetect_device_type, compute_cleanup, compute_init
-from model.core_eval import evaluate_core, write_core_csv
+from model.core_eval import METHODS, evaluate_core, write_core_csv
 from model.data import read_shard_paths
 from model.dataloader import BestFitLoader
 from model.engine import Engine
@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--bundle-dir", help="CORE eval bundle directory (needed for core)")
     a("--allow-missing-tasks", action="store_true", help="average CORE over the tasks present")
     a("--core-token-budget", type=int, default=0, help="tokens per batched CORE forward (0 = default)")
+    a("--core-method", default="prefix", choices=METHODS,
+      help="CORE evaluator, same decisions: prefix (shared prefix once, default), batched, reference (one item at a time)")
     a("--max-context", type=int, default=-1,
       help="CORE prompts keep at most their last N tokens (-1 = only the model's own limit, as the reference)")
     a("--out-dir", required=True)
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
         bundle = load_bundle(Path(args.bundle_dir), allow_missing=args.allow_missing_tasks)
         kwargs = {"token_budget": args.core_token_budget} if args.core_token_budget > 0 else {}
         core = evaluate_core(model, tokenizer, bundle, max_per_task=args.max_per_task, device=device,
-                             rank=rank, world_size=world, log=say,
+                             rank=rank, world_size=world, log=say, method=args.core_method,
                              max_context=args.max_context if args.max_context > 0 else None, **kwargs)
         summary.update(core_metric=core["core_metric"], core_results=core["results"],
                        core_centered=core["centered_results"], core_tasks=core["core_tasks"],

@@ -217,6 +217,19 @@ class GPT(nn.Module):
         With `kv_cache` (model/engine.py: KVCache) idx holds the next T tokens of every row: positions,
         attention and smear continue from what the cache holds, and the cache advances by T (spec/09 §2).
         """
+        logits = self.logits(self.hidden_states(idx, kv_cache))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                               reduction=loss_reduction)
+
+    def embed_tokens(self, idx: torch.Tensor) -> torch.Tensor:
+        """The normalised token embeddings the blocks start from (before smear), in COMPUTE_DTYPE."""
+        return norm(self.transformer.wte(idx).to(COMPUTE_DTYPE))
+
+    def hidden_states(self, idx: torch.Tensor, kv_cache=None) -> torch.Tensor:
+        """The final normalised hidden states (B x T x n_embd) that `logits` projects; with `kv_cache` as in
+        `forward`. Scoring a few positions (CORE) or filling a cache needs no projection of the others."""
         B, T = idx.shape
         if kv_cache is None:
             assert T <= self.cos.size(1), f"sequence length {T} exceeds the rotary cache ({self.cos.size(1)})"
@@ -224,7 +237,7 @@ class GPT(nn.Module):
         else:
             cos, sin = self._cached_rotary(kv_cache, B, T)
 
-        x = norm(self.transformer.wte(idx).to(COMPUTE_DTYPE))
+        x = self.embed_tokens(idx)
         if kv_cache is not None:
             x = self._cached_smear(x, kv_cache)
         elif T > 1:  # smear: x_t += smear_lambda * sigmoid(smear_gate(x_t[:24])) * x_{t-1} (un-smeared), t >= 1
@@ -242,13 +255,12 @@ class GPT(nn.Module):
         if kv_cache is not None:  # every layer has written its k, v: the new tokens are now in the cache
             kv_cache.advance(T)
         x = x - self.backout_lambda.to(x.dtype) * x_backout
-        x = norm(x)
+        return norm(x)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 logits over the real vocabulary (padding sliced off first), soft-capped at SOFTCAP."""
         logits = self.lm_head(x)[..., :self.config.vocab_size].float()
-        logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
-        if targets is None:
-            return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
-                               reduction=loss_reduction)
+        return SOFTCAP * torch.tanh(logits / SOFTCAP)
 
     def _cached_rotary(self, kv_cache, B: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for positions pos .. pos+T-1, pos = the cache position (of each row when rows differ)."""
@@ -352,13 +364,14 @@ class GPT(nn.Module):
         return groups
 
     def setup_optimizer(self, unembedding_lr: float = 0.004, embedding_lr: float = 0.2, matrix_lr: float = 0.02,
-                        weight_decay: float = 0.0, scalar_lr: float = 0.5):
-        """MuonAdamW over optimizer_groups(...); every group gets initial_lr = lr."""
+                        weight_decay: float = 0.0, scalar_lr: float = 0.5, compile: bool | None = None):
+        """MuonAdamW over optimizer_groups(...); every group gets initial_lr = lr. `compile`: compile the
+        optimizer's step functions (None: on CUDA only; the training scripts pass their --compile decision)."""
         from model.optim import MuonAdamW  # imported here: the optimizer module is optional for the model
 
         optimizer = MuonAdamW(self.optimizer_groups(unembedding_lr=unembedding_lr, embedding_lr=embedding_lr,
                                                     matrix_lr=matrix_lr, weight_decay=weight_decay,
-                                                    scalar_lr=scalar_lr))
+                                                    scalar_lr=scalar_lr), compile=compile)
         for group in optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
         return optimizer

@@ -19,10 +19,10 @@ import pytest
 import torch
 
 from model.core_eval import (BatchedStats, PreparedExample, _score_batch, batched_decision, centered, core_metric,
-                             evaluate_core, evaluate_example_reference, evaluate_task, evaluation_mode, first_argmin,
-                             fewshot_examples, pack_batches, prepare_example, prepare_examples, prepare_task_data,
-                             render_prompts,
-                             tokenize_example, truncate_to_limit, write_core_csv)
+                             evaluate_core, evaluate_example_reference, evaluate_examples_prefix_shared, evaluate_task,
+                             evaluation_mode, first_argmin, fewshot_examples, pack_batches, pack_prefix_groups,
+                             prepare_example, prepare_examples, prepare_task_data, render_prompts,
+                             shared_prefix_length, tokenize_example, truncate_to_limit, write_core_csv)
 from model.eval_bundle import load_bundle, load_task_data
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -264,6 +264,30 @@ def test_pack_batches_respects_the_token_budget():
     assert batches[0] == [4]  # longer than the budget: alone
 
 
+def test_shared_prefix_stops_before_the_first_scored_token():
+    mc = PreparedExample(0, "multiple_choice", [[9, 1, 2, 3, 4], [9, 1, 2, 3, 5, 6]], [4, 4], [5, 6], 0)
+    assert shared_prefix_length(mc) == 3  # common prefix 4, but the logit predicting token 4 sits at position 3
+    schema = PreparedExample(0, "schema", [[9, 1, 7, 8], [9, 1, 2, 7, 8]], [2, 3], [4, 5], 0)
+    assert shared_prefix_length(schema) == 1  # the options differ from position 2, the first span starts at 2
+    cut = PreparedExample(0, "multiple_choice", [[4, 5], [6, 5]], [1, 1], [2, 2], 0)
+    assert shared_prefix_length(cut) == 0  # truncation left nothing in common
+
+
+def test_pack_prefix_groups_respects_budget_cache_and_positions():
+    prefix = [100, 10, 60, 60, 5]
+    continuations = [[5, 9], [3, 3, 3, 3], [20], [2, 2], [50, 1]]
+    groups = pack_prefix_groups(prefix, continuations, token_budget=200, max_positions=120)
+    assert sorted(i for g in groups for i in g) == list(range(5))
+    assert [prefix[i] for g in groups for i in g] == sorted(prefix, reverse=True)
+    for g in groups:
+        if len(g) == 1:
+            continue
+        longest_p, longest_c = max(prefix[i] for i in g), max(c for i in g for c in continuations[i])
+        rows = sum(len(continuations[i]) for i in g)
+        assert len(g) * longest_p <= 200 and rows * longest_c <= 200 and longest_p + longest_c <= 120
+        assert rows * (longest_p + longest_c) <= 4 * 200
+
+
 def test_centering_and_core_arithmetic():
     assert centered(0.5, 25) == pytest.approx(1 / 3)
     assert centered(0.25, 25) == pytest.approx(0.0)
@@ -291,18 +315,40 @@ def test_write_core_csv_layout(tmp_path):
 # -------------------------------------------------------------------------- trained model, real bundle
 
 
-def test_batched_decisions_equal_the_reference_on_every_task(trained_model, tokenizer, bundle):
+def test_batched_and_prefix_decisions_equal_the_reference_on_every_task(trained_model, tokenizer, bundle):
     assert len(bundle.tasks) >= 21
-    total = BatchedStats()
+    totals = {"batched": BatchedStats(), "prefix": BatchedStats()}
     for task in bundle.tasks:
         data = prepare_task_data(load_task_data(task), MAX_PER_TASK)
         assert len(data) >= 32, task.label
-        batched = evaluate_task(trained_model, tokenizer, task, data, device="cpu", stats=total, token_budget=4096)
-        reference = evaluate_task(trained_model, tokenizer, task, data, device="cpu", batched=False)
-        assert batched == reference, task.label
-        assert sum(batched) / len(batched) == sum(reference) / len(reference)
-    assert total.forwards < total.examples / 4  # really batched across items
-    assert total.rechecked <= 0.05 * total.examples  # near-ties are the exception
+        reference = evaluate_task(trained_model, tokenizer, task, data, device="cpu", method="reference")
+        for method, total in totals.items():
+            fast = evaluate_task(trained_model, tokenizer, task, data, device="cpu", method=method, stats=total,
+                                 token_budget=4096)
+            assert fast == reference, (method, task.label)
+    for total in totals.values():
+        assert total.forwards < total.examples / 4  # really batched across items
+        assert total.rechecked <= 0.05 * total.examples  # near-ties are the exception
+    assert totals["prefix"].prefix_shared >= 0.15 * totals["prefix"].examples  # (cut to 256 tokens, most share nothing)
+
+
+def test_prefix_path_shares_untruncated_prompts_and_decides_like_the_reference(trained_model, tokenizer, bundle):
+    """Without the 256-token cut (only the rotary range limits prompts), multiple-choice and schema items run
+    their shared prefix once; every decision still equals the one-item-at-a-time reference."""
+    saved = trained_model.max_seq_len
+    try:
+        del trained_model.max_seq_len
+        for label in ("hellaswag_zeroshot", "winograd", "openbook_qa"):  # 0-shot: within the 640 rotary positions
+            task = task_by_label(bundle, label)
+            data = prepare_task_data(load_task_data(task), 12)
+            stats = BatchedStats()
+            prefix = evaluate_task(trained_model, tokenizer, task, data, device="cpu", stats=stats)
+            assert prefix == evaluate_task(trained_model, tokenizer, task, data, device="cpu", method="reference")
+            assert stats.prefix_shared >= 0.75 * len(data), (label, stats)
+            assert stats.real_tokens < 0.75 * sum(len(s) for ex in prepare_examples(
+                tokenizer, task, data, list(range(len(data))), None) for s in ex.sequences)
+    finally:
+        trained_model.max_seq_len = saved
 
 
 def test_every_item_deferred_to_the_reference_gives_the_same_decisions(trained_model, tokenizer, bundle):
@@ -311,7 +357,7 @@ def test_every_item_deferred_to_the_reference_gives_the_same_decisions(trained_m
     stats = BatchedStats()
     deferred = evaluate_task(trained_model, tokenizer, task, data, device="cpu", tie_tolerance=math.inf, stats=stats)
     assert stats.rechecked == stats.examples == len(data)
-    assert deferred == evaluate_task(trained_model, tokenizer, task, data, device="cpu", batched=False)
+    assert deferred == evaluate_task(trained_model, tokenizer, task, data, device="cpu", method="reference")
 
 
 def test_single_item_reference_api_and_training_mode_restored(trained_model, tokenizer, bundle):
@@ -320,7 +366,51 @@ def test_single_item_reference_api_and_training_mode_restored(trained_model, tok
     trained_model.train()
     per_item = [int(evaluate_example_reference(trained_model, tokenizer, task, data, idx, "cpu")) for idx in range(6)]
     assert trained_model.training  # evaluation switched to eval mode and back
-    assert per_item == evaluate_task(trained_model, tokenizer, task, data, device="cpu", batched=False)[:6]
+    assert per_item == evaluate_task(trained_model, tokenizer, task, data, device="cpu", method="reference")[:6]
+
+
+def test_prefix_scores_equal_full_forward_scores_far_below_the_tolerance(trained_model, tokenizer, bundle):
+    """The premise of the near-tie rule for the prefix path: options scored as continuations of a shared,
+    cached prefix differ from their full forward by far less than the fp32 tolerance (1e-3)."""
+    bos = tokenizer.get_bos_token_id()
+    saved = trained_model.max_seq_len
+    worst = 0.0
+    try:
+        del trained_model.max_seq_len
+        for label in ("copa", "winogrande", "hellaswag_zeroshot"):
+            task = task_by_label(bundle, label)
+            data = prepare_task_data(load_task_data(task), 8)
+            examples = prepare_examples(tokenizer, task, data, list(range(len(data))), None)
+            with evaluation_mode(trained_model):
+                for ex in examples:
+                    alone = _score_batch(trained_model, ex.sequences, ex.starts, ex.ends, [False] * len(ex.sequences),
+                                         bos, "cpu")
+                    stats = BatchedStats()
+                    # tolerance -inf: every decision comes from the shared-prefix scores themselves
+                    evaluate_examples_prefix_shared(trained_model, [ex], bos, "cpu", tie_tolerance=-math.inf,
+                                                    stats=stats)
+                    assert stats.prefix_shared == 1
+                    shared = _prefix_scores(trained_model, ex, bos)
+                    finite = [(a, b) for a, b in zip(alone, shared) if not (math.isnan(a) and math.isnan(b))]
+                    worst = max([worst] + [abs(a - b) for a, b in finite])
+    finally:
+        trained_model.max_seq_len = saved
+    assert worst < 1e-4, worst
+
+
+def _prefix_scores(model, ex, pad_id):
+    """The per-option scores of one item through the prefix path's own steps."""
+    from model.core_eval import _padded_batch, _span_index, _span_scores
+    from model.engine import prefill_padded
+
+    p = shared_prefix_length(ex)
+    conts = [s[p:] for s in ex.sequences]
+    cache = prefill_padded(model, [ex.sequences[0][:p]], pad_id, p + max(map(len, conts)))
+    cache = cache.select_rows([0] * len(conts))
+    ids = _padded_batch(conts, pad_id, "cpu")
+    hidden = model.hidden_states(ids, kv_cache=cache)
+    rows_t, pos_t, bounds = _span_index(ex.starts, ex.ends, [p] * len(conts), "cpu")
+    return _span_scores(model.logits(hidden[rows_t, pos_t]), ids[rows_t, pos_t + 1], bounds, [False] * len(conts))
 
 
 def test_batched_scores_do_not_depend_on_batch_composition_beyond_the_tolerance(trained_model, tokenizer, bundle):
@@ -378,7 +468,7 @@ def test_max_context_option_truncates_like_the_models_max_seq_len(trained_model,
     """`max_context` (base_eval.max_context) applies the same keep-the-last-tokens rule as a model limit."""
     task = task_by_label(bundle, "piqa")  # 10-shot prompts run far past 128 tokens
     data = prepare_task_data(load_task_data(task), MAX_PER_TASK)
-    with_limit = evaluate_task(trained_model, tokenizer, task, data, device="cpu", batched=False)
+    with_limit = evaluate_task(trained_model, tokenizer, task, data, device="cpu", method="reference")
     saved = trained_model.max_seq_len
     try:
         del trained_model.max_seq_len  # now only the rotary range limits the prompts

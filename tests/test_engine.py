@@ -16,7 +16,7 @@ import torch
 
 from kernels import attention as A
 from model.common import COMPUTE_DTYPE
-from model.engine import Engine, KVCache, sample_next_token, use_calculator
+from model.engine import Engine, KVCache, prefill_padded, sample_next_token, use_calculator
 from model.gpt import GPTConfig, build_model
 from model.tokenizer import Tokenizer
 
@@ -110,6 +110,32 @@ def test_kvcache_prefill_expand_and_errors(model):
         KVCache.for_model(model, 1, 4).prefill(src)
     with pytest.raises(ValueError, match="layers/heads"):
         KVCache(1, 2, 20, 32, 3, "cpu").prefill(src)
+
+
+def test_padded_prefill_then_fanned_out_continuations_equal_full_forwards(model):
+    """What CORE's prefix path does: prompts of different lengths prefilled in one padded forward, each
+    row fanned out to several continuations (select_rows), continued together at ragged positions. Every
+    continuation's logits equal the full forward of prompt + continuation (smear across the boundary,
+    both windows active: prompts run past the 64-token short window)."""
+    g = torch.Generator().manual_seed(3)
+    V = model.config.vocab_size
+    prompts = [torch.randint(0, V, (n,), generator=g).tolist() for n in (90, 7, 131)]
+    continuations = [[torch.randint(0, V, (n,), generator=g).tolist() for n in lengths]
+                     for lengths in ((1, 5, 12), (3,), (8, 2))]
+    rows = [(i, c) for i, conts in enumerate(continuations) for c in conts]
+    width = max(len(c) for _, c in rows)
+    with torch.inference_mode():
+        cache = prefill_padded(model, prompts, pad_id=0, capacity=131 + width)
+        assert cache.positions == [90, 7, 131] and cache.cache_seqlens.tolist() == [90, 7, 131]
+        fanned = cache.select_rows([i for i, _ in rows])
+        assert fanned.positions == [90, 90, 90, 7, 131, 131] and fanned.prev_embedding.shape == (6, 1, 64)
+        ids = torch.tensor([c + [0] * (width - len(c)) for _, c in rows])
+        logits = model.logits(model.hidden_states(ids, kv_cache=fanned))
+        for r, (i, c) in enumerate(rows):
+            full = model(torch.tensor([prompts[i] + c]))[0, len(prompts[i]):]
+            torch.testing.assert_close(logits[r, :len(c)], full, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="does not fit"):
+        prefill_padded(model, prompts, pad_id=0, capacity=100)
 
 
 def test_ragged_kvcache_attention_equals_each_row_alone():
