@@ -151,11 +151,13 @@ def compute_init(device_type: str) -> tuple[bool, int, int, int, torch.device]:
 
 # --compile auto on CPU: compiling the model and the optimizer's step functions costs a long first step
 # (inductor builds C++ kernels) and then saves a fixed time per step; it pays only when the run is long
-# enough. Measured on a 2-core x86 VM (torch 2.13.0+cpu) with `python -m bench.train_throughput
-# --compare-compile` (d4, T=256, device batch 8, total batch 4096, vocab 32768): see CPU_COMPILE_NOTE.
-# On CUDA compiling always pays (seconds of compile against hours of training).
+# enough. Break-even steps measured on a 2-core x86 VM (torch 2.13.0+cpu) with `python -m
+# bench.train_throughput --compare-compile`, all d4: 16 at T=256 / batch 8x2 / vocab 32768 (5.3 -> 2.8 s a
+# step, 42 s more for the first); 88 at the cpu preset's size (T=256 / batch 16 / vocab 4096: 1.09 -> 0.87
+# s, +19 s); 294 at the smoke preset's (T=128 / batch 8x2 / vocab 1024: 0.45 -> 0.40 s, +17 s). 150 compiles
+# the cpu preset (600 steps) and never the smoke (20). On CUDA compiling always pays.
 CPU_COMPILE_MIN_STEPS = 150
-CPU_COMPILE_NOTE = "break-even measured at ~70 steps on 2 CPU cores; auto compiles from 150 planned steps"
+CPU_COMPILE_NOTE = "compiling on 2 CPU cores pays after 16-294 steps by model size"
 
 
 def decide_compile(mode: str, device_type: str, planned_steps: int) -> tuple[bool, str]:
