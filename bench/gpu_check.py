@@ -15,15 +15,16 @@ Checks (each one an entry of "checks" with "ok"; the script exits 1 if any is no
 - gpt_fp32 (a child process with SPEEDRUN_DTYPE=float32, TF32 off) and gpt_bf16: one forward and backward
   of a small GPT on CUDA against the same weights on CPU: loss, logits and gradients, tight in fp32 and
   loose in bf16.
-- attention: every available backend (fa3, flex, sdpa) against SDPA with a sliding window and with full
-  causal attention, forward and backward (atol=rtol=1e-2 outputs, 5e-2 gradients: spec/06 B), and a
-  d12-shaped forward+backward timing of each.
+- attention: every available backend (fa3, fa4, flex, sdpa) against SDPA with a sliding window and with
+  full causal attention, forward and backward (atol=rtol=1e-2 outputs, 5e-2 gradients: spec/06 B), and a
+  d12-shaped forward+backward timing of each (FlexAttention compiled, as the model runs it).
 - fp8_linear: FP8 tensorwise linear against the bf16 one, forward and both gradients (relative error
   < 0.08 forward, < 0.12 gradients, the bounds of tests/test_fp8.py).
 - engine_greedy: KV-cache engine greedy tokens against the naive full-sequence greedy decode (a
   divergence only counts as a failure if the full forward's top-2 logits there are not a near-tie).
 - train_speed: d12 pretraining steps on the shards with torch.compile, bf16 then FP8: tok/s, bf16 MFU,
-  first-step compile seconds, FP8/bf16 throughput ratio, finite losses.
+  first-step compile seconds, FP8/bf16 throughput ratio, finite losses; on a fused attention backend also
+  bf16 on FlexAttention, for the fused/flex tok/s ratio.
 - core_speed: CORE evaluation by prefix sharing, batching and one item at a time (model/core_eval.py) on
   the trained d12: examples/s each, and identical decisions.
 - engine_speed: decode tokens/s of the engine at batch 1 and batch 8.
@@ -54,7 +55,7 @@ if str(REPO_ROOT) not in sys.path:  # `python bench/gpu_check.py` from anywhere
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from kernels import attention as attn  # noqa: E402
+from ops import attention as attn  # noqa: E402
 from model.common import COMPUTE_DTYPE, get_peak_flops  # noqa: E402
 from model.gpt import GPTConfig, build_model  # noqa: E402
 
@@ -63,7 +64,7 @@ SIZES = {
     "cuda": dict(small_layers=4, small_embd=256, small_heads=2, small_seq=256, attn_batch=4, attn_seq=1024,
                  attn_heads=8, attn_dim=128, attn_window=256, time_batch=16, time_seq=2048, time_heads=6,
                  fp8_rows=8192, fp8_in=1536, fp8_out=6144, train_depth=12, train_seq=2048, train_batch=16,
-                 train_steps=30, core_items=48, engine_tokens=128, compile=True),
+                 train_steps=25, core_items=48, engine_tokens=128, compile=True),
     "cpu": dict(small_layers=2, small_embd=64, small_heads=2, small_seq=64, attn_batch=1, attn_seq=128,
                 attn_heads=2, attn_dim=32, attn_window=32, time_batch=1, time_seq=128, time_heads=2,
                 fp8_rows=64, fp8_in=128, fp8_out=256, train_depth=1, train_seq=64, train_batch=2,
@@ -155,32 +156,22 @@ def check_environment(args, device, sizes) -> dict:
         info["capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
         info["gpu_count"] = torch.cuda.device_count()
         info["peak_bf16_flops"] = get_peak_flops(info["gpu"])
-    probe = torch.zeros(1, device=device, dtype=COMPUTE_DTYPE)
-    info["attention_backend"] = attn.get_backend(probe)
-    info["attention_reason"] = attention_reason(device)
+    info.update(attn.active().as_dict())  # what the model runs on here, and why not the better ones
+    info["available_backends"] = available_backends(device)
     return info
 
 
-def attention_reason(device) -> str:
-    """Why the model's attention backend is the one it is (FA3 > flex on CUDA; SDPA on CPU)."""
-    if device.type != "cuda":
-        return "CPU: SDPA with explicit window masks (FA3 and fused FlexAttention need CUDA)"
-    if attn.HAS_FA3:
-        return "FA3 importable (flash_attn_interface or the Hugging Face kernels hub package)"
-    reasons = []
-    try:
-        importlib.import_module("flash_attn_interface")
-        reasons.append("flash_attn_interface imports but lacks flash_attn_func")
-    except Exception as exc:  # noqa: BLE001
-        reasons.append(f"flash_attn_interface: {type(exc).__name__}: {exc}")
-    try:
-        from importlib import metadata
-
-        metadata.distribution("kernels")
-        reasons.append("the hub package 'kernels' is installed but gave no FA3 build for this GPU/torch")
-    except Exception:  # noqa: BLE001
-        reasons.append("the hub package 'kernels' is not installed")
-    return "FlexAttention (compiled) because FA3 is missing: " + "; ".join(reasons)
+def available_backends(device) -> list[str]:
+    """Every attention backend that loads on this device (fa3/fa4 only where their kernels load)."""
+    found = ["sdpa", "flex"]
+    if device.type == "cuda":
+        for name in ("fa3", "fa4"):
+            try:
+                attn.select(name, "cuda")
+                found.append(name)
+            except attn.AttentionUnavailable:
+                pass
+    return found
 
 
 def check_gpt_vs_cpu(args, device, sizes, vocab_size: int) -> dict:
@@ -211,7 +202,7 @@ def check_gpt_vs_cpu(args, device, sizes, vocab_size: int) -> dict:
             "dtype": str(COMPUTE_DTYPE).removeprefix("torch."), "loss_rel_err": loss_err,
             "logits_rel_err": logits_err, "grads_rel_err": grads_err, "worst_grad": worst,
             "worst_grad_rel_err": rel_err(out["device"][2][worst], out["cpu"][2][worst]), "bounds": bounds,
-            "attention_backend": attn.get_backend(torch.zeros(1, device=device, dtype=COMPUTE_DTYPE))}
+            "attention_backend": attn.dispatch(torch.zeros(1, device=device, dtype=COMPUTE_DTYPE))}
 
 
 def check_gpt_fp32_in_child(args, device, sizes, vocab_size: int) -> dict:
@@ -228,9 +219,10 @@ def check_gpt_fp32_in_child(args, device, sizes, vocab_size: int) -> dict:
 
 
 def check_attention(args, device, sizes) -> dict:
-    """Each available backend against SDPA, forward and backward, windowed and full; timings at a d12 shape."""
+    """Each available backend against SDPA, forward and backward, windowed and full; timings at a d12 shape
+    (FlexAttention compiled, as the model runs it)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    backends = ["sdpa", "flex"] + (["fa3"] if attn.HAS_FA3 and device.type == "cuda" else [])
+    backends = available_backends(device)
     B, T, H, D, W = sizes["attn_batch"], sizes["attn_seq"], sizes["attn_heads"], sizes["attn_dim"], sizes["attn_window"]
     g = torch.Generator().manual_seed(11)
     results, ok = {}, True
@@ -261,41 +253,50 @@ def check_attention(args, device, sizes) -> dict:
     v = torch.randn(Bt, Tt, Ht, 128, device=device, dtype=dtype, requires_grad=True)
     for backend in backends:
         for window in ((-1, 0), (Tt // 4, 0)):
-            def step():
-                with backend_override(backend):
-                    attn.flash_attn_func(q, k, v, causal=True, window_size=window).float().sum().backward()
+            def attend(q, k, v, window=window):
+                return attn.flash_attn_func(q, k, v, causal=True, window_size=window)
+
+            fn = torch.compile(attend) if backend == "flex" and device.type == "cuda" else attend
             try:
-                timings[f"{backend}_window{window[0]}_ms"] = 1000 * timed(step, device, repeats=3, warmup=1)
+                with using_backend(backend):
+                    ms = 1000 * timed(lambda: fn(q, k, v).float().sum().backward(), device, repeats=3, warmup=1)
             except NotImplementedError:  # no backward on this device
-                timings[f"{backend}_window{window[0]}_ms"] = None
-    return {"ok": ok, "backends": backends, "model_backend": attn.get_backend(q), "comparisons": results,
+                ms = None
+            timings[f"{backend}_window{window[0]}_ms"] = ms
+    return {"ok": ok, "backends": backends, "model_backend": attn.active().backend, "comparisons": results,
             "timing_shape": [Bt, Tt, Ht, 128], "fwd_bwd": timings}
 
 
 @contextlib.contextmanager
-def backend_override(name: str):
-    attn.set_backend_override(name)
+def using_backend(name: str):
+    """Run attention on `name`: fused kernels by configuring them (then back to auto), flex and sdpa forced."""
+    before = attn.active().requested
+    if name in ("fa3", "fa4"):
+        attn.configure(name, "cuda")
+    else:
+        attn.set_backend_override(name)
     try:
         yield
     finally:
         attn.set_backend_override(None)
+        attn.configure(before)
 
 
 def run_attention(backend, q, k, v, dy, window):
-    """(output, dq, dk, dv) of flash_attn_func under `backend`; gradients None where it has no backward."""
+    """(output, dq, dk, dv) of flash_attn_func on `backend`; gradients None where it has no backward."""
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    with backend_override(backend):
+    with using_backend(backend):
         try:
             y = attn.flash_attn_func(q, k, v, causal=True, window_size=window)
         except NotImplementedError:  # FlexAttention has no CPU backward (torch 2.13): forward compared only
             y = attn.flash_attn_func(q.detach(), k.detach(), v.detach(), causal=True, window_size=window)
             return y, None, None, None
-    y.backward(dy)
+        y.backward(dy)
     return y.detach(), q.grad, k.grad, v.grad
 
 
 def check_fp8_linear(args, device, sizes) -> dict:
-    from kernels.fp8 import Float8Linear
+    from ops.fp8 import Float8Linear
 
     torch.manual_seed(3)
     base = torch.nn.Linear(sizes["fp8_in"], sizes["fp8_out"], bias=False).to(device)
@@ -368,7 +369,7 @@ def train_steps(args, device, sizes, tokenizer, fp8: bool) -> tuple[dict, object
     torch.manual_seed(42)
     model = build_model(config, device)
     if fp8:
-        from kernels.fp8 import convert_to_float8_training
+        from ops.fp8 import convert_to_float8_training
 
         convert_to_float8_training(model)
     optimizer = model.setup_optimizer(compile=sizes["compile"])
@@ -401,14 +402,23 @@ def train_steps(args, device, sizes, tokenizer, fp8: bool) -> tuple[dict, object
 
 
 def check_train_speed(args, device, sizes, tokenizer, keep: dict) -> dict:
+    """bf16 on the selected attention backend, then FP8; on a fused backend also bf16 on FlexAttention, the
+    speed a node without FA3/FA4 would get."""
+    backend = attn.active().backend
     bf16, model = train_steps(args, device, sizes, tokenizer, fp8=False)
     keep["model"] = model  # the trained model feeds core_speed and engine_speed
-    out = {"bf16": bf16, "ok": bf16["finite"]}
+    out = {"attention_backend": backend, "bf16": bf16, "ok": bf16["finite"]}
     if device.type == "cuda":
         fp8, _ = train_steps(args, device, sizes, tokenizer, fp8=True)
         out["fp8"] = fp8
         out["fp8_over_bf16_tok_per_sec"] = fp8["tok_per_sec"] / bf16["tok_per_sec"]
         out["ok"] = out["ok"] and fp8["finite"]
+        if backend in ("fa3", "fa4"):
+            with using_backend("flex"):
+                flex, _ = train_steps(args, device, {**sizes, "train_steps": 20}, tokenizer, fp8=False)
+            out["bf16_flex"] = flex
+            out[f"{backend}_over_flex_tok_per_sec"] = bf16["tok_per_sec"] / flex["tok_per_sec"]
+            out["ok"] = out["ok"] and flex["finite"]
     return out
 
 

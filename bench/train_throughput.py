@@ -60,7 +60,7 @@ def build(args, device, fp8: bool):
     model.to_empty(device=device)
     model.init_weights()
     if fp8:
-        from kernels.fp8 import convert_to_float8_training
+        from ops.fp8 import convert_to_float8_training
 
         convert_to_float8_training(model)
     optimizer = model.setup_optimizer(compile=args.compile)
@@ -100,7 +100,7 @@ def time_steps(args, device, fp8: bool) -> dict:
 def mlp_gemm_speedup(device, repeats: int = 20) -> float:
     """bf16 vs FP8 fwd+bwd of the d26 MLP up-projection GEMM, both compiled (spec/06 A.4)."""
     import torch.nn as nn
-    from kernels.fp8 import Float8Linear
+    from ops.fp8 import Float8Linear
 
     def bench(layer) -> float:
         fn = torch.compile(lambda a: layer(a).float().square().mean())

@@ -25,6 +25,7 @@ from tasks.cache import with_store
 from tasks.chat_eval import chat_eval_options, chat_eval_section, chat_eval_stage
 from tasks.config import STAGES, ConfigError, SpeedrunConfig, load_config, parse_set
 from tasks.eval_bundle import eval_bundle_section, eval_bundle_stage
+from tasks.launch import attention_backend
 from tasks.pretrain import pretrain_options, pretrain_section, pretrain_stage, pretrain_upstream
 from tasks.report import report_options, report_section, report_stage
 from tasks.sft import sft_options, sft_section, sft_stage
@@ -100,12 +101,13 @@ def speedrun(preset: str = "smoke", overrides: dict | None = None, refresh: list
              mirror: str | None = None, store: str | None = None, until: str | None = None) -> dict:
     cfg = load_config(preset, overrides, mirror=mirror, store=store)  # validated before any stage runs
     check_until(until)
+    attention = attention_backend(cfg.runtime, cfg.pretrain.device_type)  # a backend this node lacks fails now
     report_config = report_section(cfg)  # a missing regression baseline fails now, not after training
     graph = {**UPSTREAM, "pretrain": pretrain_upstream(cfg)}
     run = StageRunner(cfg, refresh, graph, until)
     logger = get_run_logger()
     logger.info(f"preset {preset}: {cfg.plan.num_iterations} steps at depth {cfg.pretrain.depth}, "
-                f"store {cfg.runtime.store}")
+                f"attention {attention} (runtime.attention={cfg.runtime.attention}), store {cfg.runtime.store}")
     if cfg.train_shards_wanted() > len(cfg.train_shard_indices()):
         logger.warning(f"the horizon wants {cfg.train_shards_wanted()} train shards but {cfg.data.source} has "
                        f"{len(cfg.train_shard_indices())}: pretraining will repeat epochs over them")
@@ -125,7 +127,7 @@ def speedrun(preset: str = "smoke", overrides: dict | None = None, refresh: list
         summary.update(vocab_size=tokenizer["metrics"]["vocab_size"],
                        bytes_per_token_val=tokenizer["metrics"]["bytes_per_token_val"])
     if pretrain:  # the leaderboard keys
-        summary.update({k: pretrain["metrics"][k] for k in LEADERBOARD_KEYS})
+        summary.update({k: pretrain["metrics"].get(k) for k in LEADERBOARD_KEYS})
     if base_eval:
         summary.update({k: base_eval["metrics"][k] for k in EVAL_KEYS})
     if sft:
@@ -139,7 +141,8 @@ def speedrun(preset: str = "smoke", overrides: dict | None = None, refresh: list
     return {"stages": run.stages, "summary": summary}
 
 
-LEADERBOARD_KEYS = ("total_training_time", "total_training_flops", "min_val_bpb", "step", "mfu", "tok_per_sec")
+LEADERBOARD_KEYS = ("total_training_time", "total_training_flops", "min_val_bpb", "step", "mfu", "tok_per_sec",
+                    "attention_backend")
 EVAL_KEYS = ("core_metric", "core_tasks", "missing_tasks", "train_bpb", "val_bpb")
 SFT_KEYS = ("step", "min_val_bpb", "total_training_time")
 
@@ -165,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     # Validate before starting Prefect, so a bad config fails in a second, not after server start-up.
     try:
         overrides = parse_set(args.sets)
-        report_section(load_config(args.preset, overrides, mirror=args.mirror, store=args.store))
+        cfg = load_config(args.preset, overrides, mirror=args.mirror, store=args.store)
+        report_section(cfg)
+        attention_backend(cfg.runtime, cfg.pretrain.device_type)
         stages_to_refresh(args.refresh)
         check_until(args.until)
     except ConfigError as e:

@@ -143,6 +143,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=MAX_RESPONSE_TOKENS, help="per answer")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device-type", default="", choices=["", "cuda", "cpu", "mps"], help="default: autodetect")
+    p.add_argument("--attention", default="auto", choices=("auto", "fused", "fa3", "fa4", "flex", "sdpa"),
+                   help="attention backend (default: the best available; said on stderr)")
     args = p.parse_args(argv)
     if args.temperature < 0:
         p.error(f"--temperature must be >= 0, got {args.temperature}")
@@ -155,13 +157,14 @@ def load_session(args: argparse.Namespace) -> ChatSession:
     import torch
 
     from model.checkpoint import load_model
-    from model.common import autodetect_device_type
+    from model.common import autodetect_device_type, setup_attention
     from model.engine import Engine
     from model.tokenizer import Tokenizer
 
     checkpoint_dir, tokenizer_dir = resolve_dirs(args)
     device_type = args.device_type or autodetect_device_type()
     device = torch.device(device_type)
+    setup_attention(args.attention, device_type, say=lambda line: print(line, file=sys.stderr))
     tokenizer = Tokenizer.load(tokenizer_dir)
     model, meta = load_model(checkpoint_dir, device, step=args.step, phase="eval")
     if model.config.vocab_size != tokenizer.get_vocab_size():

@@ -33,7 +33,8 @@ import torch.distributed as dist
 
 from model.chat_data import CHAT_EVAL_TASKS, chat_eval_task, chatcore
 from model.checkpoint import atomic_write_text, load_model
-from model.common import autodetect_device_type, compute_cleanup, compute_init, print0
+from model.common import (ATTENTION_CHOICES, autodetect_device_type, compute_cleanup, compute_init, print0,
+                          setup_attention)
 from model.core_eval import evaluation_mode
 from model.engine import Engine
 from model.tokenizer import Tokenizer
@@ -250,6 +251,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--seed", type=int, default=42, help="sampling seed (the same for every problem, as the reference)")
     a("--no-batched-generation", action="store_true", help="greedy generation one problem at a time")
     a("--device-type", default="", help="cuda|cpu|mps; empty = autodetect")
+    a("--attention", default="auto", choices=ATTENTION_CHOICES,
+      help="attention backend: auto (best available), fused (FA3/FA4 or fail), fa3, fa4, flex, sdpa")
     a("--out-dir", required=True)
     args = p.parse_args(argv)
     try:
@@ -270,6 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     t0 = time.time()
     distributed, rank, _local_rank, world, device = compute_init(args.device_type or autodetect_device_type())
+    attention_info = setup_attention(args.attention, device.type, print0)
     out_dir = Path(args.out_dir)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -292,7 +296,8 @@ def main(argv: list[str] | None = None) -> dict:
     if scores["chatcore_cat"] is not None:
         print0(f"ChatCORE (categorical): {scores['chatcore_cat']:.4f}")
     summary = {"tasks": results, **scores, "step": meta["step"], "world_size": world, "device": str(device),
-               "options": options, "model_config": meta.get("model_config"), "elapsed_s": time.time() - t0}
+               "options": options, "model_config": meta.get("model_config"), "elapsed_s": time.time() - t0,
+               **attention_info}
     if rank == 0:
         for name, task_records in records.items():
             atomic_write_text(out_dir / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in task_records))

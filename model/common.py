@@ -7,6 +7,7 @@
 - print0(...): print on global rank 0 only.
 - compute_init(device_type): seed, precision and (under torchrun) the process group; synchronize(device).
 - decide_compile(mode, device_type, planned_steps): whether a training run compiles (--compile auto|on|off).
+- setup_attention(requested, device_type): choose the attention backend (--attention), say which and why.
 """
 
 from __future__ import annotations
@@ -179,6 +180,23 @@ def decide_compile(mode: str, device_type: str, planned_steps: int) -> tuple[boo
     if device_type == "cpu":
         return False, f"--compile=auto: {planned_steps} planned steps < {CPU_COMPILE_MIN_STEPS} ({CPU_COMPILE_NOTE})"
     return False, f"--compile=auto: not compiled on {device_type}"
+
+
+ATTENTION_CHOICES = ("auto", "fused", "fa3", "fa4", "flex", "sdpa")  # ops.attention.REQUESTS
+
+
+def setup_attention(requested: str, device_type: str, say=print) -> dict:
+    """Configure ops.attention for this process (`--attention`), print the backend and why, and return what
+    a summary.json records: attention_backend, attention_requested, attention_reason. A request that cannot
+    be met (e.g. fused on a node without FlashAttention) exits naming the option and the install command."""
+    from ops import attention
+
+    try:
+        selection = attention.configure(requested, device_type)
+    except attention.AttentionUnavailable as exc:
+        raise SystemExit(f"--attention {requested}: {exc}") from None
+    say(f"attention: {selection.backend} ({selection.reason})")
+    return selection.as_dict()
 
 
 def compute_cleanup() -> None:

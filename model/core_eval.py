@@ -53,7 +53,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from kernels.fp8 import disable_fp8
+from ops.fp8 import disable_fp8
 from model.common import COMPUTE_DTYPE
 from model.eval_bundle import Bundle, CoreTask, load_task_data
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from model.checkpoint import atomic_write_text, load_model
-from model.common import autodetect_device_type, compute_cleanup, compute_init
+from model.common import ATTENTION_CHOICES, autodetect_device_type, compute_cleanup, compute_init, setup_attention
 from model.core_eval import METHODS, evaluate_core, write_core_csv
 from model.data import read_shard_paths
 from model.dataloader import BestFitLoader
@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       help="CORE evaluator, same decisions: prefix (shared prefix once, default), batched, reference (one item at a time)")
     a("--max-context", type=int, default=-1,
       help="CORE prompts keep at most their last N tokens (-1 = only the model's own limit, as the reference)")
+    a("--attention", default="auto", choices=ATTENTION_CHOICES,
+      help="attention backend: auto (best available), fused (FA3/FA4 or fail), fa3, fa4, flex, sdpa")
     a("--out-dir", required=True)
     args = p.parse_args(argv)
     modes = [m.strip() for m in args.eval.split(",") if m.strip()]
@@ -70,6 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     distributed, rank, _local_rank, world, device = compute_init(args.device_type or autodetect_device_type())
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
+    attention_info = setup_attention(args.attention, device.type, say)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -79,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     if tokenizer.get_vocab_size() != model.config.vocab_size:
         raise SystemExit(f"tokenizer vocab {tokenizer.get_vocab_size()} != model vocab {model.config.vocab_size}: "
                          "evaluate with the tokenizer the checkpoint was trained with")
-    summary: dict = {"step": step, "model_config": meta["model_config"]}
+    summary: dict = {"step": step, "model_config": meta["model_config"], **attention_info}
 
     if "sample" in args.modes and master:
         engine, bos = Engine(model, tokenizer), tokenizer.get_bos_token_id()

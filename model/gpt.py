@@ -26,7 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.attention import flash_attn_func, flash_attn_with_kvcache
+from ops.attention import active as attention_backend
+from ops.attention import flash_attn_func, flash_attn_with_kvcache
 from model.common import COMPUTE_DTYPE
 from model.sizing import (SMEAR_GATE_INPUTS, VE_GATE_INPUTS, padded_vocab, value_embedding_layers,
                           window_sizes)
@@ -119,7 +120,8 @@ class CausalSelfAttention(nn.Module):
         else:  # write this chunk's k, v at the cache position(s) and attend over everything cached so far
             k_cache, v_cache = kv_cache.get_layer_cache(self.layer_idx)
             y = flash_attn_with_kvcache(q, k_cache, v_cache, k=k.to(k_cache.dtype), v=v.to(v_cache.dtype),
-                                        cache_seqlens=kv_cache.cache_seqlens, causal=True, window_size=(window, 0))
+                                        cache_seqlens=kv_cache.cache_seqlens, causal=True, window_size=(window, 0),
+                                        cache_positions=kv_cache.positions)
         return self.c_proj(y.contiguous().view(B, T, self.n_head * self.head_dim))
 
 
@@ -150,6 +152,7 @@ class GPT(nn.Module):
         self.config = config
         C, V = config.n_embd, padded_vocab(config.vocab_size)
         self.padded_vocab_size = V
+        attention_backend()  # choose the attention backend now (entry points choose it earlier), never in a trace
         self.window_sizes = window_sizes(config.n_layer, config.sequence_len, config.window_pattern)
         self.ve_layers = value_embedding_layers(config.n_layer)
         self.head_dim = C // config.n_head

@@ -41,8 +41,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from model import checkpoint as ckpt  # noqa: E402
-from model.common import (COMPUTE_DTYPE, autodetect_device_type, compute_cleanup, compute_init,  # noqa: E402
-                          decide_compile, get_peak_flops, synchronize)
+from model.common import (ATTENTION_CHOICES, COMPUTE_DTYPE, autodetect_device_type, compute_cleanup,  # noqa: E402
+                          compute_init, decide_compile, get_peak_flops, setup_attention, synchronize)
 from model.gpt import GPT, GPTConfig  # noqa: E402
 from model.loss_eval import evaluate_bpb  # noqa: E402
 from model.sft_loader import SFTLoader  # noqa: E402
@@ -109,6 +109,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--compile", default="auto", choices=["auto", "on", "off"],
       help="torch.compile of the model and the optimizer (auto: on CUDA; on CPU when the run is long enough to pay)")
     a("--wandb-mode", default=os.environ.get("WANDB_MODE", "offline"), choices=["offline", "online", "disabled"])
+    a("--attention", default="auto", choices=ATTENTION_CHOICES,
+      help="attention backend: auto (best available), fused (FA3/FA4 or fail), fa3, fa4, flex, sdpa")
     args = p.parse_args(argv)
     args.sources = dict(args.__dict__.pop("source"))  # NAME=PATH items; a repeated NAME keeps the last
     if args.sources and args.data:
@@ -269,6 +271,7 @@ def main(argv: list[str] | None = None) -> dict:
     distributed, rank, local_rank, world, device = compute_init(device_type)
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
+    attention_info = setup_attention(args.attention, device.type, say)
     out_dir = Path(args.out_dir)
     ckpt_dir = out_dir / "checkpoints"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -492,7 +495,7 @@ def main(argv: list[str] | None = None) -> dict:
         "base_checkpoint": {"dir": str(base_dir), "step": base_step},
         "flops_per_token": flops_per_token, "world_size": world,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
-        "compute_dtype": str(COMPUTE_DTYPE).removeprefix("torch."), "compiled": use_compile,
+        "compute_dtype": str(COMPUTE_DTYPE).removeprefix("torch."), "compiled": use_compile, **attention_info,
         "peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
     }
     if master:

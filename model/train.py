@@ -29,8 +29,8 @@ os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")  # befor
 import torch  # noqa: E402
 
 from model import checkpoint as ckpt  # noqa: E402
-from model.common import (COMPUTE_DTYPE, autodetect_device_type, compute_cleanup, compute_init,  # noqa: E402
-                          decide_compile, get_peak_flops, synchronize)
+from model.common import (ATTENTION_CHOICES, COMPUTE_DTYPE, autodetect_device_type, compute_cleanup,  # noqa: E402
+                          compute_init, decide_compile, get_peak_flops, setup_attention, synchronize)
 from model.data import read_shard_paths  # noqa: E402
 from model.dataloader import BestFitLoader, val_loader  # noqa: E402
 from model.engine import Engine  # noqa: E402
@@ -97,6 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       help="torch.compile of the model and the optimizer (auto: on CUDA; on CPU when the run is long enough to pay)")
     a("--keep-checkpoints", type=int, default=2, help="complete checkpoints kept on disk (older ones are pruned)")
     a("--wandb-mode", default=os.environ.get("WANDB_MODE", "offline"), choices=["offline", "online", "disabled"])
+    a("--attention", default="auto", choices=ATTENTION_CHOICES,
+      help="attention backend: auto (best available), fused (FA3/FA4 or fail), fa3, fa4, flex, sdpa")
     return p.parse_args(argv)
 
 
@@ -140,6 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     distributed, rank, local_rank, world, device = compute_init(device_type)
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
+    attention_info = setup_attention(args.attention, device.type, say)
     out_dir = Path(args.out_dir)
     ckpt_dir = out_dir / "checkpoints"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -187,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.fp8 and not fp8_enabled:
         say("warning: --fp8 needs CUDA; training in plain precision")
     if fp8_enabled:
-        from kernels.fp8 import convert_to_float8_training
+        from ops.fp8 import convert_to_float8_training
 
         converted = convert_to_float8_training(model)
         say(f"FP8: converted {converted} linear layers")
@@ -244,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
     wandb_run = start_wandb(args, user_config, out_dir) if master else None
     metrics = MetricsLog(out_dir / "metrics.jsonl", master, wandb_run, keep_before_step=step)
     if fp8_enabled:
-        from kernels.fp8 import disable_fp8
+        from ops.fp8 import disable_fp8
     else:
         disable_fp8 = lambda m: nullcontext()  # noqa: E731
     bundle, core_metric = None, (meta or {}).get("loop_state", {}).get("core_metric")
@@ -368,7 +371,7 @@ def main(argv: list[str] | None = None) -> dict:
         "num_scaling_params": plan.scaling_params, "flops_per_token": flops_per_token,
         "total_batch_size": total_batch_size, "grad_accum_steps": grad_accum_steps, "world_size": world,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
-        "compute_dtype": str(COMPUTE_DTYPE).removeprefix("torch."), "fp8": fp8_enabled, "compiled": use_compile,
+        "compute_dtype": str(COMPUTE_DTYPE).removeprefix("torch."), "fp8": fp8_enabled, "compiled": use_compile, **attention_info,
         "peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "final_step": step,
     }

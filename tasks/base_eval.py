@@ -17,11 +17,11 @@ from prefect.logging import get_run_logger
 from tasks.cache import StageOutput, run_stage, stage_task
 from tasks.config import SpeedrunConfig
 from tasks.eval_bundle import BUNDLE_DIR
-from tasks.launch import run_torchrun, torchrun_options
+from tasks.launch import attention_backend, run_torchrun, torchrun_options
 from tasks.store import StageDef
 
 BASE_EVAL = StageDef("base_eval", version=1, code=(
-    "tasks/base_eval.py", "tasks/launch.py", "kernels/*.py",
+    "tasks/base_eval.py", "tasks/launch.py", "ops/*.py",
     "model/evaluate.py", "model/core_eval.py", "model/eval_bundle.py", "model/gpt.py", "model/checkpoint.py",
     "model/loss_eval.py", "model/dataloader.py", "model/data.py", "model/tokenizer.py", "model/common.py",
     "model/engine.py",
@@ -31,6 +31,7 @@ BASE_EVAL = StageDef("base_eval", version=1, code=(
 def base_eval_section(cfg: SpeedrunConfig) -> dict:
     section = cfg.base_eval.model_dump(exclude={"bundle"})  # the bundle enters the key as upstream content
     section["device_type"] = cfg.runtime.device_type or "auto"
+    section["attention"] = attention_backend(cfg.runtime)  # resolved: it changes the bits
     return section
 
 
@@ -55,13 +56,14 @@ def base_eval_stage(section: dict, upstream: dict, store: str, options: dict, re
             args.append("--allow-missing-tasks")
         if section["device_type"] != "auto":
             args.append(f"--device-type={section['device_type']}")
+        args.append(f"--attention={section['attention']}")
         run_torchrun("model.evaluate", args, log_path=work / "log.txt", log=logger.info, **options)
         for produced in out.iterdir():
             shutil.copy2(produced, art / produced.name)
         shutil.copy2(work / "log.txt", art / "log.txt")
         summary = json.loads((out / "summary.json").read_text())
         metrics = {k: summary.get(k) for k in ("core_metric", "core_tasks", "missing_tasks", "train_bpb", "val_bpb",
-                                                "core_results", "core_centered")}
-        return StageOutput(metrics=metrics)
+                                                "core_results", "core_centered", "attention_backend")}
+        return StageOutput(metrics=metrics, environment={"attention_backend": summary.get("attention_backend")})
 
     return run_stage(BASE_EVAL, section, upstream, store, rebuild, build)

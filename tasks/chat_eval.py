@@ -15,11 +15,11 @@ from prefect.logging import get_run_logger
 
 from tasks.cache import StageOutput, run_stage, stage_task
 from tasks.config import SpeedrunConfig
-from tasks.launch import run_torchrun, torchrun_options
+from tasks.launch import attention_backend, run_torchrun, torchrun_options
 from tasks.store import StageDef, content_digest
 
 CHAT_EVAL = StageDef("chat_eval", version=1, code=(
-    "tasks/chat_eval.py", "tasks/launch.py", "kernels/*.py",
+    "tasks/chat_eval.py", "tasks/launch.py", "ops/*.py",
     "model/chat_eval.py", "model/chat_data.py", "model/engine.py", "model/execution.py", "model/gpt.py",
     "model/tokenizer.py", "model/checkpoint.py", "model/common.py",
 ))
@@ -29,6 +29,7 @@ def chat_eval_section(cfg: SpeedrunConfig) -> dict:
     section = cfg.chat_eval.model_dump(exclude={"data_dir"})
     section["data"] = content_digest(cfg.chat_eval.data_dir) if cfg.chat_eval.data_dir else None
     section["device_type"] = cfg.runtime.device_type or "auto"
+    section["attention"] = attention_backend(cfg.runtime)  # resolved: it changes the bits
     return section
 
 
@@ -53,13 +54,14 @@ def chat_eval_stage(section: dict, upstream: dict, store: str, options: dict, re
             args.append(f"--data-dir={options['data_dir']}")
         if section["device_type"] != "auto":
             args.append(f"--device-type={section['device_type']}")
+        args.append(f"--attention={section['attention']}")
         run_torchrun("model.chat_eval", args, log_path=work / "log.txt", log=logger.info, **options["torchrun"])
         for produced in out.iterdir():
             shutil.copy2(produced, art / produced.name)
         shutil.copy2(work / "log.txt", art / "log.txt")
         summary = json.loads((out / "summary.json").read_text())
         metrics = {"tasks": summary["tasks"], "chatcore": summary.get("chatcore"),
-                   "chatcore_cat": summary.get("chatcore_cat")}
-        return StageOutput(metrics=metrics)
+                   "chatcore_cat": summary.get("chatcore_cat"), "attention_backend": summary.get("attention_backend")}
+        return StageOutput(metrics=metrics, environment={"attention_backend": summary.get("attention_backend")})
 
     return run_stage(CHAT_EVAL, section, upstream, store, rebuild, build)

@@ -267,6 +267,9 @@ class RuntimeConfig(Section):
     rdzv_endpoint: str | None = Field(None, description="host:port for multi-node rendezvous")
     omp_num_threads: int | None = Field(None, ge=1, description="OMP_NUM_THREADS for torchrun workers; default 1 on GPU")
     wandb_mode: Literal["offline", "online", "disabled"] = Field("offline")
+    attention: Literal["auto", "fused", "fa3", "fa4", "flex", "sdpa"] = Field(
+        "auto", description="attention backend: auto (best available), fused (FA3 or FA4, else fail before any "
+                            "stage; record runs), or one by name (ops/attention.py)")
 
     @model_validator(mode="after")
     def _multinode(self) -> "RuntimeConfig":

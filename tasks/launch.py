@@ -19,6 +19,7 @@ import time
 from collections import deque
 from pathlib import Path
 
+from tasks.config import ConfigError
 from tasks.store import PROJECT_ROOT
 
 TAIL_LINES = 40
@@ -39,6 +40,22 @@ def torchrun_command(module: str, args: list[str], *, nproc_per_node: int, nnode
                 "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}"]
     # "--" ends torchrun's own options: without it, argparse would read e.g. --run=x as its --run-path
     return cmd + ["-m", module, "--", *args]
+
+
+def attention_backend(runtime, device_type: str = "") -> str:
+    """The attention backend the model stages run with here: `runtime.attention` resolved on this node by
+    ops.attention.select (which may load FlashAttention). It changes the bits of what they compute, so it is
+    part of their keys. A request this node cannot meet raises ConfigError naming the option and the install
+    command, before any stage runs (the flow builds every section first)."""
+    device = device_type or runtime.device_type or ""
+    if runtime.attention == "auto" and device in ("cpu", "mps"):
+        return "sdpa"  # ops.attention.select's answer, without importing torch into the orchestrator
+    from ops.attention import AttentionUnavailable, select
+
+    try:
+        return select(runtime.attention, device or None)[0].backend
+    except AttentionUnavailable as exc:
+        raise ConfigError([str(exc)]) from None
 
 
 def torchrun_options(runtime) -> dict:

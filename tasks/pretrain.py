@@ -16,12 +16,12 @@ from prefect.logging import get_run_logger
 from tasks.cache import StageOutput, run_stage, stage_task
 from tasks.config import SpeedrunConfig
 from tasks.eval_bundle import BUNDLE_DIR
-from tasks.launch import collect_training_run, run_torchrun, torchrun_options
+from tasks.launch import attention_backend, collect_training_run, run_torchrun, torchrun_options
 from tasks.store import StageDef
 
 # What the run executes: editing any of these re-trains; editing SFT or eval code does not.
 PRETRAIN = StageDef("pretrain", version=1, code=(
-    "tasks/pretrain.py", "tasks/launch.py", "kernels/*.py",
+    "tasks/pretrain.py", "tasks/launch.py", "ops/*.py",
     "model/train.py", "model/gpt.py", "model/optim.py", "model/data.py", "model/dataloader.py", "model/tokenizer.py",
     "model/loss_eval.py", "model/checkpoint.py", "model/common.py", "model/sizing.py",
     "model/core_eval.py", "model/eval_bundle.py", "model/engine.py",
@@ -34,6 +34,7 @@ def pretrain_section(cfg: SpeedrunConfig) -> dict:
     section = {k: v for k, v in cfg.pretrain.model_dump().items() if k not in NOT_IN_KEY}
     section["device_type"] = cfg.pretrain.device_type or cfg.runtime.device_type or "auto"
     section["world_size"] = cfg.runtime.world_size  # optimizer state is per rank; numerics depend on it
+    section["attention"] = attention_backend(cfg.runtime, cfg.pretrain.device_type)  # resolved: it changes the bits
     section["allow_missing_tasks"] = cfg.base_eval.allow_missing_tasks
     return section
 
@@ -84,6 +85,7 @@ def pretrain_stage(section: dict, upstream: dict, store: str, options: dict, reb
         run_torchrun("model.train", args, log_path=work / "log.txt", log=logger.info, **options["torchrun"])
         summary = collect_training_run(run_dir, work, art)
         return StageOutput(metrics=summary, environment={"world_size": summary["world_size"],
+                                                         "attention_backend": summary.get("attention_backend"),
                                                          "device": summary["device"]})
 
     return run_stage(PRETRAIN, section, upstream, store, rebuild, build)

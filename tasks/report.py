@@ -67,6 +67,8 @@ SUMMARY_SOURCES = {
     "mfu": [("pretrain", "mfu")],
     "tok_per_sec": [("pretrain", "tok_per_sec")],
     "sft_min_val_bpb": [("sft", "min_val_bpb")],
+    "attention_backend": [("pretrain", "attention_backend")],
+    "attention_reason": [("pretrain", "attention_reason")],
 }
 # Baseline metrics: which direction is better.
 DIRECTIONS = {"min_val_bpb": "lower", "val_bpb": "lower", "sft_min_val_bpb": "lower", "total_training_time": "lower",
@@ -325,7 +327,7 @@ def stage_block(name: str, stage: dict | None) -> list[str]:
             f"- built: {timings.get('started_at', '-')} -> {timings.get('finished_at', '-')} "
             f"({_fmt(timings.get('seconds'))} s)",
             f"- code: {commit.get('short') or '-'}{' (dirty)' if commit.get('dirty') else ''}, torch "
-            f"{env.get('torch', '-')}, host {env.get('host', '-')}"]
+            f"{env.get('torch', '-')}, host {env.get('host', '-')}, attention {env.get('attention_backend', '-')}"]
     out += [f"- {k}: {_fmt(v)}" for k, v in stage["metrics"].items() if k not in TABLED]
     return out + [""]
 
@@ -374,6 +376,7 @@ def render_report(section: dict, stages: dict, summary: dict, verdict, cost: dic
            f"{'; '.join(system['gpus']) or 'none'}",
            f"- software: python {system['python']}, torch {system['torch']}, prefect {system['prefect']}, "
            f"wandb {system['wandb']}",
+           f"- attention: {summary['attention_backend'] or '-'} ({summary['attention_reason'] or 'not recorded'})",
            f"- launch: `{launch.get('cli', '-')}`", "", "## Summary", ""]
     out += table([{"metric": k, "value": v} for k, v in summary.items()]) + [""]
     headline = [{"metric": "CORE", "BASE": summary["core_metric"], "SFT": None}]
@@ -416,11 +419,15 @@ def render_submission(section: dict, stages: dict, summary: dict, launch: dict, 
         warnings.append(f"ran on {pre.get('world_size', '?')} x {pre.get('device', '?')}: the leaderboard times 8xH100")
     if core is None:
         warnings.append("CORE was not measured (base_eval did not run)")
+    if summary["attention_backend"] not in (None, "fa3", "fa4") and "H100" in str(pre.get("device")):
+        warnings.append(f"attention ran on {summary['attention_backend']}, not a fused kernel: the time is not "
+                        "comparable (runtime.attention=fused; README: Attention on GPUs)")
     rows = [("time (hours)", None if hours is None else f"{hours:.4f}"),
             ("total_training_time (s)", summary["total_training_time"]), ("CORE", core),
             (f"beats GPT-2 CORE {GPT2_CORE}", beats), ("val bpb (min, pretraining)", summary["min_val_bpb"]),
             ("total_training_flops", summary["total_training_flops"]), ("step", summary["step"]),
-            ("commit", summary["commit"]), ("hardware", f"{pre.get('world_size', '?')} x {pre.get('device', '?')}")]
+            ("commit", summary["commit"]), ("hardware", f"{pre.get('world_size', '?')} x {pre.get('device', '?')}"),
+            ("attention", summary["attention_backend"])]
     out = [f"# Leaderboard submission: {section['preset']}", "", "| field | value |", "|---|---|"]
     out += [f"| {k} | {_fmt(v)} |" for k, v in rows]
     out += ["", "Leaderboard row (dev/LEADERBOARD.md):", "", "| # | time (h) | val_bpb | CORE | description | date | commit |",

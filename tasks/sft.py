@@ -20,11 +20,11 @@ from prefect.logging import get_run_logger
 from model.tokenizer import META_FILE, RANKS_FILE, TOKEN_BYTES_FILE
 from tasks.cache import StageOutput, run_stage, stage_task
 from tasks.config import SpeedrunConfig
-from tasks.launch import collect_training_run, run_torchrun, torchrun_options
+from tasks.launch import attention_backend, collect_training_run, run_torchrun, torchrun_options
 from tasks.store import StageDef, content_digest
 
 SFT = StageDef("sft", version=1, code=(
-    "tasks/sft.py", "tasks/launch.py", "kernels/*.py",
+    "tasks/sft.py", "tasks/launch.py", "ops/*.py",
     "model/sft.py", "model/sft_loader.py", "model/sft_data.py", "model/chat_data.py", "model/gpt.py", "model/optim.py",
     "model/tokenizer.py", "model/loss_eval.py", "model/checkpoint.py", "model/common.py",
     "model/chat_eval.py", "model/engine.py", "model/execution.py",
@@ -47,6 +47,7 @@ def sft_section(cfg: SpeedrunConfig) -> dict:
                                  if sft.chatcore_every > 0 and cfg.chat_eval.data_dir else None)
     section["device_type"] = cfg.runtime.device_type or "auto"
     section["world_size"] = cfg.runtime.world_size  # the warm-started optimizer state is per rank
+    section["attention"] = attention_backend(cfg.runtime)  # resolved: it changes the bits
     return section
 
 
@@ -97,6 +98,7 @@ def sft_stage(section: dict, upstream: dict, store: str, options: dict, rebuild:
         for name in TOKENIZER_FILES:
             shutil.copy2(Path(upstream["tokenizer"]["path"]) / name, tokenizer / name)
         return StageOutput(metrics=summary, environment={"world_size": summary.get("world_size"),
+                                                         "attention_backend": summary.get("attention_backend"),
                                                          "device": summary.get("device")})
 
     return run_stage(SFT, section, upstream, store, rebuild, build)

@@ -14,7 +14,7 @@ import threading
 import pytest
 import torch
 
-from kernels import attention as A
+from ops import attention as A
 from model.common import COMPUTE_DTYPE
 from model.engine import Engine, KVCache, prefill_padded, sample_next_token, use_calculator
 from model.gpt import GPTConfig, build_model
@@ -136,6 +136,41 @@ def test_padded_prefill_then_fanned_out_continuations_equal_full_forwards(model)
             torch.testing.assert_close(logits[r, :len(c)], full, atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="does not fit"):
         prefill_padded(model, prompts, pad_id=0, capacity=100)
+
+
+class DeviceReads(torch.Tensor):
+    """A cache_seqlens that counts the calls which read a tensor's value back to the host (on a GPU: a sync)."""
+
+    reads: list[str] = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in ("tolist", "item", "__int__", "__index__", "__bool__", "__float__"):
+            cls.reads.append(name)
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+@pytest.mark.parametrize("ragged", [False, True])
+def test_decode_steps_never_read_positions_back_from_the_device(model, ragged):
+    """The model keeps the positions on the host (KVCache.positions) and passes them to attention, so a decode
+    step reads nothing back from the device (the non-FA3 path used to, twice per layer per token)."""
+    g = torch.Generator().manual_seed(4)
+    cache = KVCache.for_model(model, 2, 64)
+    with torch.inference_mode():
+        if ragged:  # rows at different positions, as Engine.generate_prompts makes them
+            for row, n in enumerate((9, 5)):
+                one = KVCache.for_model(model, 1, n)
+                model(torch.randint(0, 200, (1, n), generator=g), kv_cache=one)
+                cache.load_row(row, one)
+        else:
+            model(torch.randint(0, 200, (2, 7), generator=g), kv_cache=cache)
+        cache.cache_seqlens = cache.cache_seqlens.as_subclass(DeviceReads)
+        DeviceReads.reads.clear()
+        for _ in range(5):
+            model(torch.randint(0, 200, (2, 1), generator=g), kv_cache=cache)
+    assert DeviceReads.reads == []
+    assert cache.positions == ([14, 10] if ragged else [12, 12]) and cache.cache_seqlens.tolist() == cache.positions
 
 
 def test_ragged_kvcache_attention_equals_each_row_alone():

@@ -65,6 +65,10 @@ def test_first_run_completes_and_rerun_is_cached(run):
     for key in ("total_training_time", "total_training_flops", "min_val_bpb", "step", "mfu", "tok_per_sec"):
         assert key in summary
     assert summary["step"] == 20
+    assert summary["attention_backend"] == "sdpa"  # said and recorded by the entry point (CPU: SDPA)
+    trained = json.loads((pre / "summary.json").read_text())
+    assert trained["attention_backend"] == "sdpa" and "CPU" in trained["attention_reason"].upper()
+    assert read_manifest(pre)["environment"]["attention_backend"] == "sdpa"
     bpb = [m["val/bpb"] for m in map(json.loads, (pre / "metrics.jsonl").read_text().splitlines()) if "val/bpb" in m]
     assert len(bpb) == 3 and bpb[0] - 0.4 > bpb[1] > bpb[2] + 0.1, bpb  # smoke learns clearly: 4.15, 3.24, 2.99
     assert summary["core_tasks"] == "21/22" and summary["missing_tasks"] == ["coqa"]  # the mirror lacks coqa

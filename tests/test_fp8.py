@@ -1,4 +1,4 @@
-"""FP8 tensorwise training (kernels/fp8.py) on CPU with the real ``torch._scaled_mm``.
+"""FP8 tensorwise training (ops/fp8.py) on CPU with the real ``torch._scaled_mm``.
 
 On CPU ``_scaled_mm`` with float32 output equals the dequantised matmul exactly (shared
 notes/torch-cpu-facts.md), so the forward and both backward GEMMs are checked for equality with
@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.fp8 import (
+from ops.fp8 import (
     FP8_E4M3_MAX,
     FP8_E5M2_MAX,
     Float8Linear,
