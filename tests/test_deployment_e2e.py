@@ -133,14 +133,16 @@ def run_deployment(params: dict, env: dict, cwd: Path) -> str:
     return re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
 
 
-def wait_final(client, run_id: str, timeout_s: float = 420):
+def wait_final(client, run_id: str, timeout_s: float = 420, worker_log: Path | None = None):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         run = client.read_flow_run(run_id)
         if run.state is not None and run.state.type.value in FINAL_STATES:
             return run
         time.sleep(1)
-    raise AssertionError(f"flow run {run_id} still {run.state.name if run.state else None} after {timeout_s}s")
+    tail = worker_log.read_text()[-4000:] if worker_log is not None and worker_log.exists() else "(no worker log)"
+    raise AssertionError(f"flow run {run_id} still {run.state.name if run.state else None} after {timeout_s}s; "
+                         f"the worker's log ends:\n{tail}")
 
 
 def stage_runs(client, run_id: str) -> dict[int, list[tuple[str, str]]]:
@@ -217,7 +219,7 @@ def test_deploy_run_fail_retry_like_the_ui_rerun_cached_and_regression_alert(sha
                             worker_log, signal.SIGINT):
                 # 1. the first run fails in chat_eval: a real missing input, after every earlier stage completed
                 run_id = run_deployment(params, env, repo)
-                run = wait_final(client, run_id)
+                run = wait_final(client, run_id, worker_log=worker_log)
                 assert run.state.type == StateType.FAILED, worker_log.read_text()[-5000:]
                 failed_at = STAGES.index("chat_eval")
                 assert stage_runs(client, run_id)[1] == [(s, "Completed") for s in STAGES[:failed_at]] + \
@@ -229,7 +231,7 @@ def test_deploy_run_fail_retry_like_the_ui_rerun_cached_and_regression_alert(sha
                 accepted = client.set_flow_run_state(run_id, State(type=StateType.SCHEDULED, name="AwaitingRetry",
                                                                    message="Retry from the UI"), force=True)
                 assert accepted.status.value == "ACCEPT"
-                run = wait_final(client, run_id)
+                run = wait_final(client, run_id, worker_log=worker_log)
                 assert run.state.type == StateType.COMPLETED, worker_log.read_text()[-5000:]
                 assert run.run_count == 2
                 assert stage_runs(client, run_id)[2] == [(s, "Cached") for s in STAGES[:failed_at]] + \
@@ -253,7 +255,7 @@ def test_deploy_run_fail_retry_like_the_ui_rerun_cached_and_regression_alert(sha
 
                 # 3. the same run again: every stage Cached
                 again = run_deployment(params, env, repo)
-                assert wait_final(client, again).state.type == StateType.COMPLETED
+                assert wait_final(client, again, worker_log=worker_log).state.type == StateType.COMPLETED
                 assert stage_runs(client, again) == {1: [(s, "Cached") for s in STAGES]}
 
                 # 4. a baseline the run cannot meet: the report raises RegressionDetected on every run, and the
@@ -268,7 +270,7 @@ def test_deploy_run_fail_retry_like_the_ui_rerun_cached_and_regression_alert(sha
                                                  "report.baseline": "e2e-strict"}}
                 for _ in range(2):
                     regressed = run_deployment(gated, env, repo)
-                    run = wait_final(client, regressed)
+                    run = wait_final(client, regressed, worker_log=worker_log)
                     assert run.state.type == StateType.FAILED
                     assert stage_runs(client, regressed) == {1: [(s, "Cached") for s in STAGES[:-1]] +
                                                              [("report", "Failed")]}
