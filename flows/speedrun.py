@@ -19,34 +19,28 @@ import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
 
 from tasks.base_eval import base_eval_options, base_eval_section, base_eval_stage
 from tasks.cache import with_store
 from tasks.chat_eval import chat_eval_options, chat_eval_section, chat_eval_stage
-from tasks.config import STAGES, ConfigError, SpeedrunConfig, load_config, parse_set
+from tasks.config import ConfigError, SpeedrunConfig, load_config, parse_set
 from tasks.eval_bundle import eval_bundle_section, eval_bundle_stage
 from tasks.launch import attention_backend
-from tasks.pretrain import pretrain_options, pretrain_section, pretrain_stage, pretrain_upstream
+from tasks.pretrain import pretrain_options, pretrain_section, pretrain_stage
 from tasks.report import report_options, report_section, report_stage
 from tasks.sft import sft_options, sft_section, sft_stage
 from tasks.shards import shards_options, shards_section, shards_stage
+from tasks.stages import STAGES, downstream_of
 from tasks.store import Store, atomic_write_json
 from tasks.tokenizer import tokenizer_section, tokenizer_stage
 
-# Each stage and the stages it reads from; `refresh` follows these edges downstream.
-UPSTREAM = {
-    "shards": [],
-    "tokenizer": ["shards"],
-    "eval_bundle": [],
-    "pretrain": ["shards", "tokenizer", "eval_bundle"],  # the bundle only when CORE runs during training
-    "base_eval": ["pretrain", "tokenizer", "shards", "eval_bundle"],
-    "sft": ["pretrain", "tokenizer"],
-    "chat_eval": ["sft", "tokenizer"],
-    "report": ["shards", "tokenizer", "pretrain", "eval_bundle", "base_eval", "sft", "chat_eval"],
-}
+def stage_graph(cfg: SpeedrunConfig | None = None) -> dict[str, tuple[str, ...]]:
+    """Each stage and the stages it reads from (tasks/stages.py); `refresh` follows these edges downstream."""
+    return {name: (stage.upstream_for(cfg) if cfg is not None else stage.upstream) for name, stage in STAGES.items()}
 
 
-def stages_to_refresh(refresh: list[str] | str | None, graph: dict[str, list[str]] = UPSTREAM) -> set[str]:
+def stages_to_refresh(refresh: list[str] | str | None, graph: dict[str, tuple[str, ...]] | None = None) -> set[str]:
     """The named stages plus everything downstream of them; 'all' means every stage."""
     names = [refresh] if isinstance(refresh, str) else list(refresh or [])
     names = [n.strip() for item in names for n in item.split(",") if n.strip()]
@@ -55,22 +49,18 @@ def stages_to_refresh(refresh: list[str] | str | None, graph: dict[str, list[str
     unknown = [n for n in names if n not in STAGES]
     if unknown:
         raise ConfigError([f"refresh: unknown stage(s) {unknown}; fix: use 'all' or any of {', '.join(STAGES)}"])
-    chosen = set(names)
-    while True:
-        more = {s for s, ups in graph.items() if chosen & set(ups)} - chosen
-        if not more:
-            return chosen
-        chosen |= more
+    return downstream_of(names, graph or stage_graph())
 
 
 class StageRunner:
     """Runs stage tasks against one store and records each one's state, key, wall time and artifact."""
 
-    def __init__(self, cfg: SpeedrunConfig, refresh: list[str] | str | None, graph: dict[str, list[str]],
-                 until: str | None = None):
+    def __init__(self, cfg: SpeedrunConfig, refresh: list[str] | str | None, graph: dict[str, tuple[str, ...]],
+                 until: str | None = None, resume: list[str] | str | None = None):
         self.store = Store(cfg.runtime.store)
         self.graph = graph
         self.refresh = stages_to_refresh(refresh, graph)
+        self.resume = stages_to_refresh(resume, graph)  # the first attempt's refresh, on a retry
         self.until = until
         self.stages: dict[str, dict] = {}
         self.artifacts: dict[str, dict] = {}
@@ -87,7 +77,8 @@ class StageRunner:
         t0 = time.time()
         state = with_store(stage_task, self.store, refresh=name in self.refresh)(
             section=section, upstream=upstream, store=str(self.store.root), options=options or {},
-            rebuild=name in self.refresh, return_state=True)
+            rebuild="fresh" if name in self.refresh else ("resume" if name in self.resume else None),
+            return_state=True)
         record = state.result()  # raises the stage's exception if it failed
         self.stages[name] = {"state": state.name, "key": record["key"], "seconds": round(time.time() - t0, 3),
                              "artifact": record["path"]}
@@ -103,9 +94,13 @@ def speedrun(preset: str = "smoke", overrides: dict | None = None, refresh: list
     check_until(until)
     attention = attention_backend(cfg.runtime, cfg.pretrain.device_type)  # a backend this node lacks fails now
     report_config = report_section(cfg)  # a missing regression baseline fails now, not after training
-    graph = {**UPSTREAM, "pretrain": pretrain_upstream(cfg)}
-    run = StageRunner(cfg, refresh, graph, until)
     logger = get_run_logger()
+    resume = None
+    if refresh and flow_run.run_count > 1:  # a Retry resumes the failed stage; it never rebuilds from scratch
+        logger.info(f"attempt {flow_run.run_count}: refresh={refresh} applies to the first attempt only; stages "
+                    "rebuilt then come back Cached and an interrupted rebuild resumes from its checkpoint")
+        refresh, resume = None, refresh
+    run = StageRunner(cfg, refresh, stage_graph(cfg), until, resume=resume)
     logger.info(f"preset {preset}: {cfg.plan.num_iterations} steps at depth {cfg.pretrain.depth}, "
                 f"attention {attention} (runtime.attention={cfg.runtime.attention}), store {cfg.runtime.store}")
     if cfg.train_shards_wanted() > len(cfg.train_shard_indices()):

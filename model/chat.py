@@ -34,7 +34,7 @@ def default_store() -> Path:
 def find_newest_sft_artifact(store: Path) -> Path:
     """The complete SFT artifact (manifest.json present) whose manifest is newest, or ChatSetupError."""
     stage_dir = Path(store) / "stages" / "sft"
-    manifests = sorted((p for p in stage_dir.glob("*/manifest.json") if p.is_file()),
+    manifests = sorted((p for p in stage_dir.glob("*/manifest.json") if p.is_file() and "." not in p.parent.name),
                        key=lambda p: p.stat().st_mtime)
     if not manifests:
         raise ChatSetupError(

@@ -31,6 +31,16 @@ import torch.nn.functional as F
 from model.common import COMPUTE_DTYPE
 
 CALCULATOR_TIMEOUT_S = 3
+# What base-model samples complete (pretraining logs, base_eval's summary): one greedy completion each.
+SAMPLE_PROMPTS = [
+    "The capital of France is",
+    "The chemical symbol of gold is",
+    "If yesterday was Friday, then tomorrow will be",
+    "The opposite of hot is",
+    "The planets of the solar system are:",
+    "My favorite color is",
+    "If 5*x + 3 = 13, then x is",
+]
 _ARITHMETIC_CHARS = set("0123456789*+-/.() ")
 _STRING_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789'\"()._ ")
 _FORBIDDEN = ("__", "import", "exec", "eval", "compile", "open", "file", "input", "raw_input", "globals",

@@ -23,11 +23,10 @@ from model.common import ATTENTION_CHOICES, autodetect_device_type, compute_clea
 from model.core_eval import METHODS, evaluate_core, write_core_csv
 from model.data import read_shard_paths
 from model.dataloader import BestFitLoader
-from model.engine import Engine
+from model.engine import SAMPLE_PROMPTS, Engine
 from model.eval_bundle import load_bundle
 from model.loss_eval import evaluate_bpb
 from model.tokenizer import Tokenizer, load_token_bytes
-from model.train import SAMPLE_PROMPTS
 
 EVAL_MODES = ("core", "bpb", "sample")
 

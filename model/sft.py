@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import hashlib
 import json
 import math
 import os
@@ -47,7 +46,7 @@ from model.gpt import GPT, GPTConfig  # noqa: E402
 from model.loss_eval import evaluate_bpb  # noqa: E402
 from model.sft_loader import SFTLoader  # noqa: E402
 from model.tokenizer import Tokenizer, load_token_bytes  # noqa: E402
-from model.train import TIMING_WARMUP_STEPS, MetricsLog  # noqa: E402
+from model.run_log import TIMING_WARMUP_STEPS, MetricsLog, start_wandb  # noqa: E402
 
 # None on the command line = inherit from the base checkpoint; these are the fallbacks when it lacks the key.
 FROM_META = {"max_seq_len": 2048, "device_batch_size": 32, "total_batch_size": 524288}  # resolved values, top level
@@ -236,16 +235,6 @@ def trim_metrics(path: Path, resume_step: int) -> None:
     ckpt.atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
-def start_wandb(args, user_config: dict, out_dir: Path):
-    if args.run == "dummy" or args.wandb_mode == "disabled":
-        return None
-    import wandb
-
-    return wandb.init(project="speedrun-sft", name=args.run, config=user_config, mode=args.wandb_mode,
-                      dir=str(out_dir), resume="allow",
-                      id=f"{args.run}-{hashlib.sha256(str(out_dir.resolve()).encode()).hexdigest()[:8]}")
-
-
 def run_chatcore(model, tokenizer, args, batch_size: int) -> dict[str, dict]:
     """ChatCORE's five tasks on the uncompiled model: categorical ones limited by --chatcore-max-cat,
     generative ones by --chatcore-max-sample (spec/08 §5.6)."""
@@ -373,7 +362,7 @@ def main(argv: list[str] | None = None) -> dict:
     progress = loop.get("progress", 0.0)  # kept monotone: the LR schedule never moves backwards
     chat = loop.get("chat") or {}  # last ChatCORE: {"accuracy": {...}, "chatcore": ..., "chatcore_cat": ...}
     val_bpb = (meta or {}).get("val_bpb")
-    wandb_run = start_wandb(args, user_config, out_dir) if master else None
+    wandb_run = start_wandb(args, user_config, out_dir, project="speedrun-sft") if master else None
     if master and resume_step is not None:
         trim_metrics(out_dir / "metrics.jsonl", resume_step)
     metrics = MetricsLog(out_dir / "metrics.jsonl", master, wandb_run, keep_before_step=math.inf)

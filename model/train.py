@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import hashlib
 import json
 import math
 import os
@@ -33,23 +32,13 @@ from model.common import (ATTENTION_CHOICES, COMPUTE_DTYPE, autodetect_device_ty
                           compute_init, decide_compile, get_peak_flops, setup_attention, synchronize)
 from model.data import read_shard_paths  # noqa: E402
 from model.dataloader import BestFitLoader, val_loader  # noqa: E402
-from model.engine import Engine  # noqa: E402
 from model.gpt import GPT, GPTConfig  # noqa: E402
 from model.loss_eval import evaluate_bpb  # noqa: E402
 from model.optim import get_lr_multiplier, get_muon_momentum, get_weight_decay  # noqa: E402
 from model.sizing import plan_training  # noqa: E402
+from model.run_log import TIMING_WARMUP_STEPS, MetricsLog, start_wandb  # noqa: E402
 from model.tokenizer import Tokenizer, load_token_bytes  # noqa: E402
 
-SAMPLE_PROMPTS = [
-    "The capital of France is",
-    "The chemical symbol of gold is",
-    "If yesterday was Friday, then tomorrow will be",
-    "The opposite of hot is",
-    "The planets of the solar system are:",
-    "My favorite color is",
-    "If 5*x + 3 = 13, then x is",
-]
-TIMING_WARMUP_STEPS = 10  # steps 0..10 (compile warm-up) are left out of total_training_time
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -100,37 +89,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--attention", default="auto", choices=ATTENTION_CHOICES,
       help="attention backend: auto (best available), fused (FA3/FA4 or fail), fa3, fa4, flex, sdpa")
     return p.parse_args(argv)
-
-
-# ---------------------------------------------------------------------------------------------
-# process set-up
-
-class MetricsLog:
-    """metrics.jsonl on rank 0 (one JSON object per line) plus wandb when enabled."""
-
-    def __init__(self, path: Path, enabled: bool, wandb_run, keep_before_step: int):
-        self.path, self.enabled, self.wandb = path, enabled, wandb_run
-        if enabled and path.exists():  # a resumed run: drop what was logged after the checkpoint
-            kept = [l for l in path.read_text().splitlines() if l and json.loads(l).get("step", 0) < keep_before_step]
-            path.write_text("".join(l + "\n" for l in kept))
-
-    def log(self, record: dict, wandb_too: bool = True) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.wandb is not None and wandb_too:
-            self.wandb.log(record, step=record["step"])
-
-
-def start_wandb(args, user_config: dict, out_dir: Path):
-    if args.run == "dummy" or args.wandb_mode == "disabled":
-        return None
-    import wandb
-
-    return wandb.init(project="speedrun", name=args.run, config=user_config, mode=args.wandb_mode,
-                      dir=str(out_dir), resume="allow",
-                      id=f"{args.run}-{hashlib.sha256(str(out_dir.resolve()).encode()).hexdigest()[:8]}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
     total_training_time = loop.get("total_training_time", 0.0)
     timed_steps = loop.get("timed_steps", 0)
     val_bpb = (meta or {}).get("val_bpb")
-    wandb_run = start_wandb(args, user_config, out_dir) if master else None
+    wandb_run = start_wandb(args, user_config, out_dir, project="speedrun") if master else None
     metrics = MetricsLog(out_dir / "metrics.jsonl", master, wandb_run, keep_before_step=step)
     if fp8_enabled:
         from ops.fp8 import disable_fp8
@@ -286,6 +244,8 @@ def main(argv: list[str] | None = None) -> dict:
                          "centered_results": core["centered_results"]})
 
         if args.sample_every > 0 and master and (last_step or (step > 0 and step % args.sample_every == 0)):
+            from model.engine import SAMPLE_PROMPTS, Engine  # samples only go to the log: not in the stage key
+
             orig_model.eval()
             with disable_fp8(orig_model):
                 prompts = [tokenizer.encode(p, prepend=tokenizer.get_bos_token_id()) for p in SAMPLE_PROMPTS]

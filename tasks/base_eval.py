@@ -17,21 +17,17 @@ from prefect.logging import get_run_logger
 from tasks.cache import StageOutput, run_stage, stage_task
 from tasks.config import SpeedrunConfig
 from tasks.eval_bundle import BUNDLE_DIR
-from tasks.launch import attention_backend, run_torchrun, torchrun_options
-from tasks.store import StageDef
+from tasks.environment import numerics_environment
+from tasks.launch import run_torchrun, torchrun_options
+from tasks.stages import STAGES, key_section
 
-BASE_EVAL = StageDef("base_eval", version=1, code=(
-    "tasks/base_eval.py", "tasks/launch.py", "ops/*.py",
-    "model/evaluate.py", "model/core_eval.py", "model/eval_bundle.py", "model/gpt.py", "model/checkpoint.py",
-    "model/loss_eval.py", "model/dataloader.py", "model/data.py", "model/tokenizer.py", "model/common.py",
-    "model/engine.py",
-))
+BASE_EVAL = STAGES["base_eval"]
 
 
 def base_eval_section(cfg: SpeedrunConfig) -> dict:
-    section = cfg.base_eval.model_dump(exclude={"bundle"})  # the bundle enters the key as upstream content
+    section = key_section(BASE_EVAL, cfg.base_eval)  # the bundle enters the key as upstream content
     section["device_type"] = cfg.runtime.device_type or "auto"
-    section["attention"] = attention_backend(cfg.runtime)  # resolved: it changes the bits
+    section["environment"] = numerics_environment(cfg.runtime)  # device, dtype, world size, torch, attention
     return section
 
 
@@ -40,7 +36,7 @@ def base_eval_options(cfg: SpeedrunConfig) -> dict:
 
 
 @stage_task(BASE_EVAL)
-def base_eval_stage(section: dict, upstream: dict, store: str, options: dict, rebuild: bool = False) -> dict:
+def base_eval_stage(section: dict, upstream: dict, store: str, options: dict, rebuild: str | None = None) -> dict:
     logger = get_run_logger()
 
     def build(art: Path, work: Path) -> StageOutput:
@@ -56,7 +52,7 @@ def base_eval_stage(section: dict, upstream: dict, store: str, options: dict, re
             args.append("--allow-missing-tasks")
         if section["device_type"] != "auto":
             args.append(f"--device-type={section['device_type']}")
-        args.append(f"--attention={section['attention']}")
+        args.append(f"--attention={section['environment']['attention']}")
         run_torchrun("model.evaluate", args, log_path=work / "log.txt", log=logger.info, **options)
         for produced in out.iterdir():
             shutil.copy2(produced, art / produced.name)

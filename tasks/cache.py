@@ -23,18 +23,23 @@ from prefect import task
 from prefect.cache_policies import CachePolicy
 from prefect.logging import get_run_logger
 
-from tasks.store import MANIFEST, WORK, StageDef, Store, artifact_record, check_artifact, write_manifest
+from tasks.stages import Stage
+from tasks.store import MANIFEST, WORK, Store, artifact_record, check_artifact, write_manifest
 
 
 @dataclass
 class StageCachePolicy(CachePolicy):
-    stage: StageDef | None = None
+    stage: Stage | None = None
 
     def compute_key(self, task_ctx, inputs: dict, flow_parameters: dict, **kwargs) -> str | None:
         store = Store(inputs["store"])
         key = self.stage.key(inputs["section"], inputs.get("upstream") or {})
         record = store.results_dir / record_name(self.stage.name, key)
-        if record.exists() and check_artifact(store.stage_dir(self.stage.name, key), store.root) is not None:
+        art = store.stage_dir(self.stage.name, key)
+        # A damaged artifact, or (on the retry of a refreshing run) an interrupted rebuild to resume, must run
+        # the task rather than come back Cached.
+        resume = inputs.get("rebuild") == "resume" and rebuild_dir(art).exists()
+        if record.exists() and (check_artifact(art, store.root) is not None or resume):
             record.unlink(missing_ok=True)
         return record_name(self.stage.name, key)
 
@@ -43,7 +48,7 @@ def record_name(stage: str, key: str) -> str:
     return f"{stage}-{key}"
 
 
-def stage_task(stage: StageDef, **task_kwargs):
+def stage_task(stage: Stage, **task_kwargs):
     """Decorator: a Prefect task whose cache is the store. Signature: (section, upstream, store, options, rebuild)."""
     def wrap(fn):
         return task(name=stage.name, cache_policy=StageCachePolicy(stage=stage), persist_result=True,
@@ -66,28 +71,73 @@ class StageOutput:
     environment: dict = field(default_factory=dict)
 
 
-def run_stage(stage: StageDef, section: dict, upstream: dict, store_root: str, rebuild: bool,
+def rebuild_dir(art: Path) -> Path:
+    """Where a refresh of a valid artifact is built, beside it, until it can replace it."""
+    return art.with_name(art.name + ".rebuild")
+
+
+def _swap_in(art: Path, built: Path) -> None:
+    """Replace `art` by the complete rebuild `built` (its manifest written). Between the two renames neither
+    path is a valid artifact at `art`; `_finish_swap` completes an interrupted swap on the next run."""
+    old = art.with_name(art.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if art.exists():
+        art.rename(old)
+    built.rename(art)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _finish_swap(art: Path, store_root: Path) -> None:
+    """A crash between _swap_in's renames leaves a complete rebuild and no artifact: put the rebuild in place."""
+    built = rebuild_dir(art)
+    if not art.exists() and built.exists() and check_artifact(built, store_root) is None:
+        built.rename(art)
+
+
+def run_stage(stage: Stage, section: dict, upstream: dict, store_root: str, rebuild: str | None,
               build: Callable[[Path, Path], StageOutput]) -> dict:
-    """Build the stage's artifact (or reuse a valid one) and return its record."""
+    """Build the stage's artifact (or reuse a valid one) and return its record.
+
+    `rebuild`: None (use a valid artifact), "fresh" (a refresh: rebuild from scratch) or "resume" (the retry of
+    a run that refreshed this stage: continue its interrupted rebuild, if any). Nothing valid is ever destroyed
+    before its replacement is complete: a refresh of a valid artifact builds into `<key>.rebuild/` beside it and
+    swaps it in after writing its manifest, so a refresh that fails leaves the previous artifact in place, valid
+    and Cached for any later run; only the retry of that run picks the rebuild up again. An artifact that is
+    missing or damaged is rebuilt in place, keeping work/ so that pretrain and sft continue from their last
+    checkpoint.
+    """
     logger = get_run_logger()
     store = Store(store_root)
     key = stage.key(section, upstream)
     art = store.stage_dir(stage.name, key)
     with store.lock(stage.name, key):
+        _finish_swap(art, store.root)
         problem = check_artifact(art, store.root)
-        if problem is None and not rebuild:
+        pending = rebuild_dir(art)
+        if rebuild == "fresh" and problem is None:
+            shutil.rmtree(pending, ignore_errors=True)  # a refresh starts from scratch, beside the valid artifact
+            target = pending
+            logger.info(f"{stage.name}: refreshing into {target}; {art} stays valid until the rebuild completes")
+        elif rebuild == "resume" and pending.exists():
+            target = pending  # this run's refresh was interrupted in an earlier attempt: resume it
+            logger.info(f"{stage.name}: resuming the interrupted rebuild in {target}")
+        elif problem is None:
             logger.info(f"{stage.name}: valid artifact already at {art}")
             return artifact_record(art)
-        if problem and art.exists():
-            logger.info(f"{stage.name}: rebuilding {art} ({problem})")
-        (art / MANIFEST).unlink(missing_ok=True)  # from here on the directory is not an artifact
-        work = art / WORK
-        if rebuild and work.exists():
-            shutil.rmtree(work)  # a forced rebuild starts fresh; a retry keeps work/ to resume from
+        else:
+            target = art
+            if art.exists():
+                logger.info(f"{stage.name}: rebuilding {art} ({problem})")
+            (art / MANIFEST).unlink(missing_ok=True)  # from here on the directory is not an artifact
+            if rebuild == "fresh" and (art / WORK).exists():
+                shutil.rmtree(art / WORK)  # a refresh starts fresh; a retry keeps work/ to resume from
+        work = target / WORK
         work.mkdir(parents=True, exist_ok=True)
         started = time.time()
-        out = build(art, work)
-        record = write_manifest(art, stage=stage.name, key=key, metrics=out.metrics, refs=out.refs,
-                                store_root=store.root, started_at=started, extra=out.environment)
+        out = build(target, work)
+        write_manifest(target, stage=stage.name, key=key, metrics=out.metrics, refs=out.refs,
+                       store_root=store.root, started_at=started, extra=out.environment, volatile=stage.volatile)
+        if target != art:
+            _swap_in(art, target)
         logger.info(f"{stage.name}: artifact {art} ({time.time() - started:.1f}s)")
-        return record
+        return artifact_record(art)

@@ -15,21 +15,19 @@ from prefect.logging import get_run_logger
 
 from tasks.cache import StageOutput, run_stage, stage_task
 from tasks.config import SpeedrunConfig
-from tasks.launch import attention_backend, run_torchrun, torchrun_options
-from tasks.store import StageDef, content_digest
+from tasks.environment import numerics_environment
+from tasks.launch import run_torchrun, torchrun_options
+from tasks.stages import STAGES, key_section
+from tasks.store import content_digest
 
-CHAT_EVAL = StageDef("chat_eval", version=1, code=(
-    "tasks/chat_eval.py", "tasks/launch.py", "ops/*.py",
-    "model/chat_eval.py", "model/chat_data.py", "model/engine.py", "model/execution.py", "model/gpt.py",
-    "model/tokenizer.py", "model/checkpoint.py", "model/common.py",
-))
+CHAT_EVAL = STAGES["chat_eval"]
 
 
 def chat_eval_section(cfg: SpeedrunConfig) -> dict:
-    section = cfg.chat_eval.model_dump(exclude={"data_dir"})
+    section = key_section(CHAT_EVAL, cfg.chat_eval)
     section["data"] = content_digest(cfg.chat_eval.data_dir) if cfg.chat_eval.data_dir else None
     section["device_type"] = cfg.runtime.device_type or "auto"
-    section["attention"] = attention_backend(cfg.runtime)  # resolved: it changes the bits
+    section["environment"] = numerics_environment(cfg.runtime)  # device, dtype, world size, torch, attention
     return section
 
 
@@ -38,7 +36,7 @@ def chat_eval_options(cfg: SpeedrunConfig) -> dict:
 
 
 @stage_task(CHAT_EVAL)
-def chat_eval_stage(section: dict, upstream: dict, store: str, options: dict, rebuild: bool = False) -> dict:
+def chat_eval_stage(section: dict, upstream: dict, store: str, options: dict, rebuild: str | None = None) -> dict:
     logger = get_run_logger()
 
     def build(art: Path, work: Path) -> StageOutput:
@@ -54,7 +52,7 @@ def chat_eval_stage(section: dict, upstream: dict, store: str, options: dict, re
             args.append(f"--data-dir={options['data_dir']}")
         if section["device_type"] != "auto":
             args.append(f"--device-type={section['device_type']}")
-        args.append(f"--attention={section['attention']}")
+        args.append(f"--attention={section['environment']['attention']}")
         run_torchrun("model.chat_eval", args, log_path=work / "log.txt", log=logger.info, **options["torchrun"])
         for produced in out.iterdir():
             shutil.copy2(produced, art / produced.name)

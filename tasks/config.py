@@ -25,7 +25,6 @@ from tasks.download import DEFAULT_SOURCE, DEFAULT_VAL_SHARD, list_source_shards
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "deployments" / "presets"
 DEFAULT_BUNDLE = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
-STAGES = ("shards", "tokenizer", "pretrain", "eval_bundle", "base_eval", "sft", "chat_eval", "report")
 
 
 class ConfigError(ValueError):

@@ -21,9 +21,9 @@ from prefect.logging import get_run_logger
 from model.eval_bundle import BundleError, load_bundle, load_task_data
 from tasks.cache import StageOutput, run_stage, stage_task
 from tasks.config import SpeedrunConfig
-from tasks.store import StageDef
+from tasks.stages import STAGES
 
-EVAL_BUNDLE = StageDef("eval_bundle", version=1, code=("tasks/eval_bundle.py", "model/eval_bundle.py"))
+EVAL_BUNDLE = STAGES["eval_bundle"]
 BUNDLE_DIR = "eval_bundle"
 
 
@@ -74,7 +74,7 @@ def fetch_bundle(source: str, dest: Path, work: Path, log=print) -> None:
 
 @stage_task(EVAL_BUNDLE, retries=1, retry_delay_seconds=10)
 def eval_bundle_stage(section: dict, upstream: dict, store: str, options: dict | None = None,
-                      rebuild: bool = False) -> dict:
+                      rebuild: str | None = None) -> dict:
     logger = get_run_logger()
 
     def build(art: Path, work: Path) -> StageOutput:

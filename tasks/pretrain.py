@@ -15,45 +15,37 @@ from prefect.logging import get_run_logger
 
 from tasks.cache import StageOutput, run_stage, stage_task
 from tasks.config import SpeedrunConfig
+from tasks.environment import numerics_environment
 from tasks.eval_bundle import BUNDLE_DIR
-from tasks.launch import attention_backend, collect_training_run, run_torchrun, torchrun_options
-from tasks.store import StageDef
+from tasks.launch import run_torchrun, torchrun_options
+from tasks.stages import STAGES, key_section, launch_section
+from tasks.training_artifact import collect_training_run
 
-# What the run executes: editing any of these re-trains; editing SFT or eval code does not.
-PRETRAIN = StageDef("pretrain", version=1, code=(
-    "tasks/pretrain.py", "tasks/launch.py", "ops/*.py",
-    "model/train.py", "model/gpt.py", "model/optim.py", "model/data.py", "model/dataloader.py", "model/tokenizer.py",
-    "model/loss_eval.py", "model/checkpoint.py", "model/common.py", "model/sizing.py",
-    "model/core_eval.py", "model/eval_bundle.py", "model/engine.py",
-))
-# Options that change how a run is launched or logged, not what it computes.
-NOT_IN_KEY = {"run"}
+PRETRAIN = STAGES["pretrain"]
 
 
 def pretrain_section(cfg: SpeedrunConfig) -> dict:
-    section = {k: v for k, v in cfg.pretrain.model_dump().items() if k not in NOT_IN_KEY}
+    """The key: every pretrain option that changes what is computed, and the environment that changes its bits."""
+    section = key_section(PRETRAIN, cfg.pretrain)
     section["device_type"] = cfg.pretrain.device_type or cfg.runtime.device_type or "auto"
-    section["world_size"] = cfg.runtime.world_size  # optimizer state is per rank; numerics depend on it
-    section["attention"] = attention_backend(cfg.runtime, cfg.pretrain.device_type)  # resolved: it changes the bits
-    section["allow_missing_tasks"] = cfg.base_eval.allow_missing_tasks
+    section["environment"] = numerics_environment(cfg.runtime, cfg.pretrain.device_type)
+    if cfg.pretrain.core_metric_every > 0:  # CORE during training reads the bundle as base_eval would
+        section["allow_missing_tasks"] = cfg.base_eval.allow_missing_tasks
     return section
 
 
-def pretrain_upstream(cfg: SpeedrunConfig) -> list[str]:
-    """The bundle is an input only when CORE runs during training; otherwise it must not enter the key."""
-    return ["shards", "tokenizer"] + (["eval_bundle"] if cfg.pretrain.core_metric_every > 0 else [])
-
-
 def pretrain_options(cfg: SpeedrunConfig) -> dict:
-    return {"torchrun": torchrun_options(cfg.runtime), "wandb_mode": cfg.runtime.wandb_mode,
-            "run": cfg.pretrain.run if cfg.pretrain.run != "dummy" else f"{cfg.preset}-pretrain"}
+    """Not in the key: the launch layout, the logging, and the options the key rule leaves out (stages.py)."""
+    excluded = launch_section(PRETRAIN, cfg.pretrain)
+    excluded["run"] = cfg.pretrain.run if cfg.pretrain.run != "dummy" else f"{cfg.preset}-pretrain"
+    return {"torchrun": torchrun_options(cfg.runtime), "wandb_mode": cfg.runtime.wandb_mode, "excluded": excluded}
 
 
-def train_arguments(section: dict) -> list[str]:
-    """The config section as model.train flags (kebab-case, same names as the reference)."""
+def train_arguments(section: dict, excluded: dict | None = None) -> list[str]:
+    """The key section and the excluded options as model.train flags (kebab-case, the reference's names)."""
     args = []
-    for name, value in section.items():
-        if name in ("world_size", "allow_missing_tasks") or value is None:
+    for name, value in {**section, **(excluded or {})}.items():
+        if name in ("environment", "allow_missing_tasks") or value is None:
             continue
         flag = "--" + name.replace("_", "-")
         if name == "device_type":
@@ -64,23 +56,23 @@ def train_arguments(section: dict) -> list[str]:
                 args.append(flag)
         else:
             args.append(f"{flag}={value}")
+    args.append(f"--attention={section['environment']['attention']}")
     return args
 
 
 @stage_task(PRETRAIN)
-def pretrain_stage(section: dict, upstream: dict, store: str, options: dict, rebuild: bool = False) -> dict:
+def pretrain_stage(section: dict, upstream: dict, store: str, options: dict, rebuild: str | None = None) -> dict:
     logger = get_run_logger()
 
     def build(art: Path, work: Path) -> StageOutput:
         run_dir = work / "run"
-        args = train_arguments(section) + [
+        args = train_arguments(section, options["excluded"]) + [
             f"--out-dir={run_dir}", f"--data-dir={upstream['shards']['path']}",
-            f"--tokenizer-dir={upstream['tokenizer']['path']}", "--resume=auto",
-            f"--run={options['run']}", f"--wandb-mode={options['wandb_mode']}",
+            f"--tokenizer-dir={upstream['tokenizer']['path']}", "--resume=auto", f"--wandb-mode={options['wandb_mode']}",
         ]
         if "eval_bundle" in upstream:  # CORE during training (core_metric_every > 0)
             args.append(f"--bundle-dir={Path(upstream['eval_bundle']['path']) / BUNDLE_DIR}")
-            if section["allow_missing_tasks"]:
+            if section.get("allow_missing_tasks"):
                 args.append("--allow-missing-tasks")
         run_torchrun("model.train", args, log_path=work / "log.txt", log=logger.info, **options["torchrun"])
         summary = collect_training_run(run_dir, work, art)

@@ -42,17 +42,14 @@ from prefect.logging import get_run_logger
 
 from tasks.cache import StageOutput, run_stage, stage_task
 from tasks.config import ConfigError, SpeedrunConfig, build_config, load_config
-from tasks.store import PROJECT_ROOT, StageDef, atomic_write_bytes, atomic_write_json, git_commit, read_manifest
+from tasks.stages import STAGES as STAGE_REGISTRY
+from tasks.store import PROJECT_ROOT, atomic_write_bytes, atomic_write_json, git_commit, read_manifest
 
-REPORT = StageDef("report", version=1, code=("tasks/report.py",))
+REPORT = STAGE_REGISTRY["report"]
 BASELINES_DIR = PROJECT_ROOT / "deployments" / "baselines"
 DEPLOYED_PRESETS = ("smoke", "cpu", "d12", "d20", "d24", "d26")  # prefect.yaml: speedrun/<preset>
 GPT2_CORE = 0.256525  # CORE of OpenAI's GPT-2 1.6B checkpoint: the leaderboard's bar (spec/10 §2)
-STAGES = {  # report order and titles
-    "shards": "Data shards", "tokenizer": "Tokenizer", "eval_bundle": "CORE eval bundle",
-    "pretrain": "Base model training", "base_eval": "Base model evaluation", "sft": "Chat SFT",
-    "chat_eval": "Chat evaluation (SFT)",
-}
+STAGES = {name: stage.title for name, stage in STAGE_REGISTRY.items() if name != "report"}  # report order, titles
 # Metrics rendered as their own tables rather than as bullet lines.
 TABLED = {"core_results", "core_centered", "tasks", "rows", "samples", "hyperparameters"}
 # summary.json: key -> (where it comes from, in order of preference)
@@ -536,7 +533,7 @@ def log_wandb(summary: dict, options: dict, work: Path, log) -> None:
 
 
 @stage_task(REPORT)
-def report_stage(section: dict, upstream: dict, store: str, options: dict, rebuild: bool = False) -> dict:
+def report_stage(section: dict, upstream: dict, store: str, options: dict, rebuild: str | None = None) -> dict:
     logger = get_run_logger()
 
     def build(art: Path, work: Path) -> StageOutput:

@@ -20,34 +20,27 @@ from prefect.logging import get_run_logger
 from model.tokenizer import META_FILE, RANKS_FILE, TOKEN_BYTES_FILE
 from tasks.cache import StageOutput, run_stage, stage_task
 from tasks.config import SpeedrunConfig
-from tasks.launch import attention_backend, collect_training_run, run_torchrun, torchrun_options
-from tasks.store import StageDef, content_digest
+from tasks.environment import numerics_environment
+from tasks.launch import run_torchrun, torchrun_options
+from tasks.stages import STAGES, key_section
+from tasks.store import content_digest
+from tasks.training_artifact import collect_training_run
 
-SFT = StageDef("sft", version=1, code=(
-    "tasks/sft.py", "tasks/launch.py", "ops/*.py",
-    "model/sft.py", "model/sft_loader.py", "model/sft_data.py", "model/chat_data.py", "model/gpt.py", "model/optim.py",
-    "model/tokenizer.py", "model/loss_eval.py", "model/checkpoint.py", "model/common.py",
-    "model/chat_eval.py", "model/engine.py", "model/execution.py",
-))
+SFT = STAGES["sft"]
 TOKENIZER_FILES = (RANKS_FILE, TOKEN_BYTES_FILE, META_FILE)
-# Options that change how a run is launched, checkpointed or logged, not what it computes.
-NOT_IN_KEY = {"data", "save_every"}
 
 
 def sft_section(cfg: SpeedrunConfig) -> dict:
     sft = cfg.sft
-    section = {k: v for k, v in sft.model_dump().items() if k not in NOT_IN_KEY}
+    section = key_section(SFT, sft)
     # The data's bytes enter the key; its location does not (a hub name stands for itself).
     section["data"] = [content_digest(p) for p in sft.data] if sft.data else None
     if sft.sources:  # only when set, so runs without replaced sources keep their existing keys
         section["sources"] = {name: content_digest(path) for name, path in sorted(sft.sources.items())}
-    else:
-        section.pop("sources", None)
     section["chat_eval_data"] = (content_digest(cfg.chat_eval.data_dir)
                                  if sft.chatcore_every > 0 and cfg.chat_eval.data_dir else None)
     section["device_type"] = cfg.runtime.device_type or "auto"
-    section["world_size"] = cfg.runtime.world_size  # the warm-started optimizer state is per rank
-    section["attention"] = attention_backend(cfg.runtime)  # resolved: it changes the bits
+    section["environment"] = numerics_environment(cfg.runtime)  # the warm-started optimizer state is per rank
     return section
 
 
@@ -62,7 +55,7 @@ def sft_arguments(section: dict, options: dict) -> list[str]:
     """The section as model.sft flags (kebab-case, the reference's names)."""
     args = []
     for name, value in section.items():
-        if name in ("world_size", "data", "sources", "chat_eval_data") or value is None:
+        if name in ("environment", "data", "sources", "chat_eval_data") or value is None:
             continue
         if name == "device_type":
             if value != "auto":
@@ -72,6 +65,7 @@ def sft_arguments(section: dict, options: dict) -> list[str]:
         else:
             args.append(f"--{name.replace('_', '-')}={value}")
     args.append(f"--save-every={options['save_every']}")
+    args.append(f"--attention={section['environment']['attention']}")
     if options["data"]:
         args += ["--data", *options["data"]]
     for name, path in sorted(options.get("sources", {}).items()):
@@ -82,7 +76,7 @@ def sft_arguments(section: dict, options: dict) -> list[str]:
 
 
 @stage_task(SFT)
-def sft_stage(section: dict, upstream: dict, store: str, options: dict, rebuild: bool = False) -> dict:
+def sft_stage(section: dict, upstream: dict, store: str, options: dict, rebuild: str | None = None) -> dict:
     logger = get_run_logger()
 
     def build(art: Path, work: Path) -> StageOutput:

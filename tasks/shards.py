@@ -17,9 +17,10 @@ from tasks.cache import StageOutput, run_stage, stage_task
 from tasks.config import SpeedrunConfig
 from tasks.download import fetch_shards
 from model.data import SHARD_INDEX_FILE
-from tasks.store import StageDef, Store, atomic_write_json
+from tasks.stages import STAGES
+from tasks.store import Store, atomic_write_json
 
-SHARDS = StageDef("shards", version=1, code=("tasks/shards.py", "tasks/download.py", "model/data.py"))
+SHARDS = STAGES["shards"]
 
 
 def shards_section(cfg: SpeedrunConfig) -> dict:
@@ -33,7 +34,7 @@ def shards_options(cfg: SpeedrunConfig) -> dict:
 
 
 @stage_task(SHARDS, retries=1, retry_delay_seconds=10)
-def shards_stage(section: dict, upstream: dict, store: str, options: dict, rebuild: bool = False) -> dict:
+def shards_stage(section: dict, upstream: dict, store: str, options: dict, rebuild: str | None = None) -> dict:
     logger = get_run_logger()
     shard_dir = Store(store).shards_dir(section["source"])
 

@@ -7,8 +7,8 @@ Layout under the store root (`runtime.store`):
     prefect-results/             Prefect's cache records (see tasks/cache.py)
     locks/                       lease locks, one per artifact being built
 
-A stage key is the sha256 of canonical JSON of: stage name, stage format version, the config the stage
-reads, the upstream artifacts' content hashes and a fingerprint of the source files the stage runs.
+A stage key (tasks/stages.py: Stage.key) is the sha256 of canonical JSON of: stage name, stage format version,
+the config the stage reads, the upstream artifacts' content hashes and a fingerprint of the code it runs.
 A directory without a valid manifest is not an artifact. Writes go to temp paths and are renamed.
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import fnmatch
 import hashlib
 import json
 import os
@@ -34,7 +35,7 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = "manifest.json"
 WORK = "work"
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2  # 2: content_sha256 leaves out volatile files and JSON fields
 
 
 def canonical_json(obj) -> bytes:
@@ -85,37 +86,6 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def code_fingerprint(patterns: tuple[str, ...], root: Path = PROJECT_ROOT) -> str:
-    """sha256 over the (path, bytes) of every file matching the glob patterns, relative to `root`."""
-    files = sorted({p for pat in patterns for p in root.glob(pat) if p.is_file() and "__pycache__" not in p.parts})
-    if not files:
-        raise FileNotFoundError(f"no source files match {patterns} under {root}")
-    h = hashlib.sha256()
-    for p in files:
-        h.update(p.relative_to(root).as_posix().encode() + b"\0")
-        h.update(p.read_bytes() + b"\0")
-    return h.hexdigest()
-
-
-@dataclass(frozen=True)
-class StageDef:
-    """What identifies a stage's output: its name, format version and the code it executes."""
-
-    name: str
-    version: int
-    code: tuple[str, ...]
-
-    def key(self, section: dict, upstream: dict[str, dict]) -> str:
-        payload = {
-            "stage": self.name,
-            "version": self.version,
-            "section": section,
-            "upstream": {name: art["content_sha256"] for name, art in sorted(upstream.items())},
-            "code": code_fingerprint(self.code),
-        }
-        return sha256_bytes(canonical_json(payload))
 
 
 class Store:
@@ -180,22 +150,54 @@ def _is_temp_file(p: Path) -> bool:
     return p.name.startswith(".") and p.name.endswith(".tmp")
 
 
+# Fields of an artifact's JSON files that record how or when it was built, never what it computed: timings,
+# throughput, where the run wrote and read, its wandb run. They stay in the files but not in the content hash.
+VOLATILE_JSON_KEYS = frozenset({
+    "total_training_time", "timed_steps", "tok_per_sec", "mfu", "peak_memory_mib", "elapsed_s", "train_seconds",
+    "out_dir", "data_dir", "tokenizer_dir", "bundle_dir", "checkpoint_dir", "chat_eval_dir",
+    "run", "wandb_mode", "save_every", "keep_checkpoints", "resume", "resume_from_step", "attention_reason",
+})
+
+
+def _without_volatile(obj):
+    if isinstance(obj, dict):
+        return {k: _without_volatile(v) for k, v in obj.items() if k not in VOLATILE_JSON_KEYS}
+    if isinstance(obj, list):
+        return [_without_volatile(v) for v in obj]
+    return obj
+
+
+def content_sha256_of(path: Path) -> str:
+    """What a file contributes to its artifact's content hash: its bytes' sha256, or for a JSON object file
+    the sha256 of its canonical JSON without VOLATILE_JSON_KEYS."""
+    if path.suffix == ".json":
+        try:
+            return sha256_bytes(canonical_json(_without_volatile(json.loads(path.read_text()))))
+        except (ValueError, UnicodeDecodeError):
+            pass
+    return sha256_file(path)
+
+
 def write_manifest(art: Path, *, stage: str, key: str, metrics: dict, refs: dict[str, Path] | None = None,
-                   store_root: Path, started_at: float, extra: dict | None = None) -> dict:
+                   store_root: Path, started_at: float, extra: dict | None = None,
+                   volatile: tuple[str, ...] = ()) -> dict:
     """Hash the artifact's files (and referenced files elsewhere in the store), write manifest.json last.
 
-    Returns the small record downstream stages key on: its `content_sha256` covers file contents only,
-    so a deterministic rebuild gives downstream stages the same keys.
+    Every file is listed with its size and sha256. The `content_sha256` downstream stages key on covers only
+    what the stage computed: files matching a `volatile` glob (logs, timing records, wandb directories) and
+    the volatile fields of JSON files are left out, so a rebuild that reproduces the same outputs gives
+    downstream stages the same keys.
     """
     files = {p.relative_to(art).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
              for p in _listed_files(art)}
+    outputs = {rel: content_sha256_of(art / rel) for rel in files
+               if not any(fnmatch.fnmatch(rel, pattern) for pattern in volatile)}
     ref_entries = {}
     for name, path in sorted((refs or {}).items()):
         st = path.stat()
         ref_entries[name] = {"path": path.relative_to(store_root).as_posix(), "size": st.st_size,
                              "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(path)}
-    content = {"files": {k: v["sha256"] for k, v in files.items()},
-               "refs": {k: v["sha256"] for k, v in ref_entries.items()}}
+    content = {"files": outputs, "refs": {k: v["sha256"] for k, v in ref_entries.items()}}
     finished = time.time()
     manifest = {
         "format": MANIFEST_FORMAT,

@@ -18,13 +18,16 @@ from model.data import iter_documents, read_shard_paths
 from model.tokenizer import EVAL_TEXTS, evaluate_tokenizer, format_evaluation, train_tokenizer, training_texts
 from tasks.cache import StageOutput, run_stage, stage_task
 from tasks.config import SpeedrunConfig
-from tasks.store import StageDef, atomic_write_json
+from tasks.environment import package_version
+from tasks.stages import STAGES, key_section
+from tasks.store import atomic_write_json
 
-TOKENIZER = StageDef("tokenizer", version=1, code=("tasks/tokenizer.py", "model/tokenizer.py", "model/data.py"))
+TOKENIZER = STAGES["tokenizer"]
 
 
 def tokenizer_section(cfg: SpeedrunConfig) -> dict:
-    return cfg.tokenizer.model_dump()
+    """The tokenizer options and the BPE trainer's version (another rustbpe may learn other merges)."""
+    return {**key_section(TOKENIZER, cfg.tokenizer), "rustbpe": package_version("rustbpe")}
 
 
 def first_row_group_text(path: Path) -> str:
@@ -34,7 +37,7 @@ def first_row_group_text(path: Path) -> str:
 
 @stage_task(TOKENIZER)
 def tokenizer_stage(section: dict, upstream: dict, store: str, options: dict | None = None,
-                    rebuild: bool = False) -> dict:
+                    rebuild: str | None = None) -> dict:
     logger = get_run_logger()
 
     def build(art: Path, work: Path) -> StageOutput:

@@ -145,6 +145,22 @@ def wait_final(client, run_id: str, timeout_s: float = 420, worker_log: Path | N
                          f"the worker's log ends:\n{tail}")
 
 
+def wait_process_reaped(client, run_id: str, timeout_s: float = 120) -> None:
+    """Wait until the worker has reaped a finished run's process (and so released its slot).
+
+    A run reports Failed from inside its process, before the process exits. Prefect 3.8.8's worker releases its
+    `--limit` slot only after reaping the process, and crashes if the same run id is scheduled again while it
+    still holds that slot ("this borrower is already holding one of this CapacityLimiter's tokens",
+    PrefectHQ/prefect#16806): a Retry pressed within that second kills the worker. The README says so.
+    """
+    pid = (client.read_flow_run(run_id).infrastructure_pid or "").rpartition(":")[2]
+    deadline = time.monotonic() + timeout_s
+    while pid.isdigit() and Path(f"/proc/{pid}").exists():
+        assert time.monotonic() < deadline, f"the process {pid} of flow run {run_id} is still there"
+        time.sleep(0.2)
+    time.sleep(2.0)  # the slot is released right after the reap
+
+
 def stage_runs(client, run_id: str) -> dict[int, list[tuple[str, str]]]:
     """{attempt (flow_run_run_count): [(stage, state name), ...] in execution order}."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -217,8 +233,9 @@ def test_deploy_run_fail_retry_like_the_ui_rerun_cached_and_regression_alert(sha
             worker_log = tmp_path / "worker.log"
             with background(["worker", "start", "--pool", POOL, "--limit", "1", "--name", "e2e"], worker_env, repo,
                             worker_log, signal.SIGINT):
-                # 1. the first run fails in chat_eval: a real missing input, after every earlier stage completed
-                run_id = run_deployment(params, env, repo)
+                # 1. the first run fails in chat_eval: a real missing input, after every earlier stage completed.
+                # It refreshes every stage, as speedrun/nightly does: the retry must not rebuild them again.
+                run_id = run_deployment({**params, "refresh": ["all"]}, env, repo)
                 run = wait_final(client, run_id, worker_log=worker_log)
                 assert run.state.type == StateType.FAILED, worker_log.read_text()[-5000:]
                 failed_at = STAGES.index("chat_eval")
@@ -228,6 +245,7 @@ def test_deploy_run_fail_retry_like_the_ui_rerun_cached_and_regression_alert(sha
 
                 # 2. fix the cause, then Retry exactly as the UI does
                 shutil.copy2(shared_data / "chat_eval" / "gsm8k" / "test.jsonl", gsm8k)
+                wait_process_reaped(client, run_id)
                 accepted = client.set_flow_run_state(run_id, State(type=StateType.SCHEDULED, name="AwaitingRetry",
                                                                    message="Retry from the UI"), force=True)
                 assert accepted.status.value == "ACCEPT"

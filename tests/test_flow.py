@@ -87,6 +87,13 @@ def test_first_run_completes_and_rerun_is_cached(run):
     assert run(until=None) == expect("Cached", until=None)
     assert {k: v["key"] for k, v in run.last["stages"].items()} == {k: v["key"] for k, v in first["stages"].items()}
 
+    # A lost pretrain artifact is rebuilt with bitwise the same weights (CPU, fixed seed): its timings and log
+    # differ, but they are not part of its content, so every stage after it stays Cached.
+    weights = sha256_file(pre / "checkpoint" / "model_000020.pt")
+    shutil.rmtree(pre)
+    assert run(until=None) == expect("Cached", until=None, pretrain="Completed")
+    assert sha256_file(pre / "checkpoint" / "model_000020.pt") == weights
+
 
 def test_tokenizer_option_reexecutes_tokenizer_only(run):
     run()
@@ -228,11 +235,22 @@ def test_cli_summary_json_cached_rerun_and_source_edit(cli_env, shared_data, tmp
         assert set(stage) == {"state", "key", "seconds", "artifact"} and Path(stage["artifact"]).is_dir()
 
     # An edit to the code one stage executes re-executes that stage and what reads its output, nothing else.
-    with open(repo / "tasks" / "chat_eval.py", "a") as f:
-        f.write("\n# an edit that changes the code fingerprint\n")
-    proc = cli(repo, *args, "--summary-json", str(tmp_path / "s2.json"), env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert states(tmp_path / "s2.json") == expect("Cached", until=None, chat_eval="Completed", report="Completed")
+    edits = [  # (file, the extra arguments of that run, the stages that re-execute)
+        ("tasks/chat_eval.py", (), {"chat_eval", "report"}),
+        # CORE runs in base_eval and, through ChatCORE's shared helpers, chat_eval; smoke trains without CORE
+        ("model/core_eval.py", (), {"base_eval", "chat_eval", "report"}),
+        ("model/sft_loader.py", (), {"sft", "chat_eval", "report"}),
+        # the checkpoint period is not in the pretrain key; the report renders the config, so it re-renders
+        (None, ("--set", "pretrain.save_every=5"), {"report"}),
+    ]
+    for i, (path, extra, executed) in enumerate(edits, start=2):
+        if path:
+            with open(repo / path, "a") as f:
+                f.write("\n# an edit that changes the code fingerprint\n")
+        proc = cli(repo, *args, *extra, "--summary-json", str(tmp_path / f"s{i}.json"), env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert states(tmp_path / f"s{i}.json") == \
+            expect("Cached", until=None, **{s: "Completed" for s in executed}), (path, extra)
 
 
 def torchrun_pids(marker: str) -> list[int]:
@@ -281,6 +299,40 @@ def test_retry_after_killed_torchrun_resumes_from_checkpoint(cli_env, shared_dat
     resumed = int(log.split("resuming from step ")[1].split()[0])
     assert resumed >= 10  # continued from the checkpoint instead of starting over
     assert result["summary"]["step"] == 40
+
+
+@pytest.mark.slow
+def test_killed_refresh_leaves_the_previous_artifact_valid_and_cached(cli_env, shared_data, tmp_path):
+    """A refresh builds beside the artifact it replaces: killing it mid-build loses nothing."""
+    store = tmp_path / "store"
+    args = ("--preset", "smoke", "--mirror", str(shared_data), "--store", str(store), "--until", "pretrain")
+    first = cli(REPO_ROOT, *args, "--summary-json", str(tmp_path / "first.json"), env=cli_env)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    built = Path(json.loads((tmp_path / "first.json").read_text())["stages"]["pretrain"]["artifact"])
+    manifest = read_manifest(built)
+
+    refresh = subprocess.Popen([sys.executable, "-m", "flows.speedrun", *args, "--refresh", "pretrain"], cwd=REPO_ROOT,
+                               env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        rebuilding = built.with_name(built.name + ".rebuild") / "work" / "run" / "checkpoints" / "complete_000010"
+        while not rebuilding.exists():
+            assert refresh.poll() is None, refresh.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "the refresh reached no checkpoint in time"
+            time.sleep(0.1)
+        assert read_manifest(built) == manifest  # while it rebuilds, the artifact is untouched and valid
+        for pid in torchrun_pids(str(store)):
+            os.killpg(os.getpgid(pid), signal.SIGKILL)
+        refresh.communicate(timeout=120)
+    finally:
+        if refresh.poll() is None:
+            refresh.kill()
+    assert refresh.returncode != 0
+    assert read_manifest(built) == manifest
+    again = cli(REPO_ROOT, *args, "--summary-json", str(tmp_path / "again.json"), env=cli_env)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    result = json.loads((tmp_path / "again.json").read_text())
+    assert result["stages"]["pretrain"] == {**result["stages"]["pretrain"], "state": "Cached", "artifact": str(built)}
 
 
 def test_cli_rejects_unknown_until_stage(cli_env, tmp_path):

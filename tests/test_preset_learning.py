@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tasks.config import load_config
-from tasks.pretrain import pretrain_section, train_arguments
+from tasks.pretrain import pretrain_options, pretrain_section, train_arguments
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,8 +45,9 @@ def smoke_inputs(shared_data, tmp_path_factory):
 def test_smoke_pretraining_learns_at_this_thread_count(smoke_inputs, tmp_path, threads):
     cfg, tokenizer_dir, data_dir = smoke_inputs
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "model.train", *train_arguments(pretrain_section(cfg)), f"--out-dir={out}",
-           f"--data-dir={data_dir}", f"--tokenizer-dir={tokenizer_dir}", "--run=dummy", "--wandb-mode=disabled"]
+    excluded = {**pretrain_options(cfg)["excluded"], "run": "dummy"}
+    cmd = [sys.executable, "-m", "model.train", *train_arguments(pretrain_section(cfg), excluded), f"--out-dir={out}",
+           f"--data-dir={data_dir}", f"--tokenizer-dir={tokenizer_dir}", "--wandb-mode=disabled"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO_ROOT)}
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -1,5 +1,5 @@
-"""Tests for the content-addressed artifact store (tasks/store.py): stage keys, code fingerprints,
-manifests and their validation, atomic writes, and the lease lock across real processes.
+"""Tests for the content-addressed artifact store (tasks/store.py): layout, manifests and their validation,
+atomic writes, and the lease lock across real processes (stage keys: tests/test_stages.py).
 
 Lock holders in other processes are real Python interpreters started with `python -c`; every one
 is killed and reaped in a finally block, so no child outlives its test.
@@ -23,13 +23,11 @@ import pytest
 from tasks.store import (
     MANIFEST,
     LeaseLock,
-    StageDef,
     Store,
     artifact_record,
     atomic_write_bytes,
     atomic_write_json,
     check_artifact,
-    code_fingerprint,
     read_manifest,
     write_manifest,
 )
@@ -38,91 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------------------------------
-# 1. stage keys and code fingerprints
-
-STAGE = StageDef("pretrain", 1, ("tasks/store.py",))
-UP = {"tokenizer": {"content_sha256": "a" * 64, "path": "/x"}, "shards": {"content_sha256": "b" * 64}}
-
-
-def test_key_deterministic():
-    section = {"depth": 4, "fp8": False, "window_pattern": "L"}
-    k = STAGE.key(section, UP)
-    assert len(k) == 64 and int(k, 16) >= 0
-    assert STAGE.key(dict(section), {n: dict(a) for n, a in UP.items()}) == k
-    assert StageDef("pretrain", 1, ("tasks/store.py",)).key(section, UP) == k
-
-
-def test_key_independent_of_dict_order():
-    a = {"depth": 4, "fp8": False, "nested": {"x": 1, "y": [1, 2]}}
-    b = {"nested": {"y": [1, 2], "x": 1}, "fp8": False, "depth": 4}
-    up_reversed = dict(reversed(list(UP.items())))
-    assert STAGE.key(a, UP) == STAGE.key(b, up_reversed)
-
-
-def test_key_changes_with_inputs():
-    section = {"depth": 4, "fp8": False}
-    base = STAGE.key(section, UP)
-    assert STAGE.key({"depth": 5, "fp8": False}, UP) != base
-    assert STAGE.key({"depth": 4, "fp8": False, "extra": None}, UP) != base
-    changed_up = {**UP, "tokenizer": {"content_sha256": "c" * 64, "path": "/x"}}
-    assert STAGE.key(section, changed_up) != base
-    assert STAGE.key(section, {"tokenizer": UP["tokenizer"]}) != base  # an upstream dropped
-    assert StageDef("pretrain", 2, STAGE.code).key(section, UP) != base
-    assert StageDef("sft", 1, STAGE.code).key(section, UP) != base
-    assert StageDef("pretrain", 1, ("tasks/config.py",)).key(section, UP) != base
-    # only the upstream content hash counts, not where the artifact lives or its metrics
-    moved_up = {**UP, "tokenizer": {"content_sha256": "a" * 64, "path": "/elsewhere", "metrics": {"x": 1}}}
-    assert STAGE.key(section, moved_up) == base
-
-
-def test_code_fingerprint(tmp_path):
-    root = tmp_path / "src"
-    (root / "pkg").mkdir(parents=True)
-    (root / "pkg" / "a.py").write_text("x = 1\n")
-    (root / "pkg" / "b.py").write_text("y = 2\n")
-    (root / "notes.txt").write_text("not code\n")
-    fp = code_fingerprint(("pkg/**/*.py",), root=root)
-    assert fp == code_fingerprint(("pkg/**/*.py",), root=root)
-    assert len(fp) == 64
-
-    # files outside the patterns and __pycache__ do not count
-    (root / "notes.txt").write_text("changed\n")
-    (root / "pkg" / "__pycache__").mkdir()
-    (root / "pkg" / "__pycache__" / "c.py").write_text("cached\n")
-    assert code_fingerprint(("pkg/**/*.py",), root=root) == fp
-
-    # a changed byte
-    (root / "pkg" / "a.py").write_text("x = 2\n")
-    fp2 = code_fingerprint(("pkg/**/*.py",), root=root)
-    assert fp2 != fp
-    (root / "pkg" / "a.py").write_text("x = 1\n")
-    assert code_fingerprint(("pkg/**/*.py",), root=root) == fp  # content, not mtime
-
-    # an added file (also in a subfolder)
-    (root / "pkg" / "sub").mkdir()
-    (root / "pkg" / "sub" / "d.py").write_text("")
-    fp3 = code_fingerprint(("pkg/**/*.py",), root=root)
-    assert fp3 != fp
-
-    # a renamed file with the same bytes
-    (root / "pkg" / "sub" / "d.py").rename(root / "pkg" / "sub" / "e.py")
-    assert code_fingerprint(("pkg/**/*.py",), root=root) not in (fp, fp3)
-
-    # overlapping patterns count each file once
-    assert code_fingerprint(("pkg/*.py", "pkg/a.py"), root=root) == code_fingerprint(("pkg/*.py",), root=root)
-
-
-def test_code_fingerprint_nothing_matches(tmp_path):
-    (tmp_path / "a.txt").write_text("x")
-    with pytest.raises(FileNotFoundError):
-        code_fingerprint(("model/**/*.py",), root=tmp_path)
-    with pytest.raises(FileNotFoundError):
-        StageDef("x", 1, ("no/such/dir/*.py",)).key({}, {})
-
-
-def test_code_fingerprint_of_repo():
-    assert code_fingerprint(("tasks/store.py",)) == code_fingerprint(("tasks/store.py",), root=REPO)
-
+# 1. layout
 
 def test_store_layout(tmp_path):
     s = Store(tmp_path / "st")
@@ -560,3 +474,28 @@ def test_content_digest_follows_bytes_not_location(tmp_path):
     assert content_digest("hf://datasets/openai/gsm8k") == "hf://datasets/openai/gsm8k"  # a URL is its own identity
     with pytest.raises(FileNotFoundError, match="fix"):
         content_digest(str(tmp_path / "missing"))
+
+
+def test_content_hash_covers_what_was_computed_not_how_the_run_went(tmp_path):
+    """Volatile files and the volatile fields of JSON files are listed and size-checked but left out of the
+    content hash; a change to anything else changes it."""
+    def build(art: Path, seconds: float, log: str, weights: bytes) -> dict:
+        art.mkdir(parents=True, exist_ok=True)
+        (art / "model.pt").write_bytes(weights)
+        (art / "log.txt").write_text(log)
+        atomic_write_json(art / "summary.json", {"min_val_bpb": 3.0, "total_training_time": seconds,
+                                                 "user_config": {"out_dir": str(art), "depth": 4}})
+        return write_manifest(art, stage="pretrain", key="k", metrics={}, store_root=tmp_path, started_at=time.time(),
+                              volatile=("log.txt",))
+
+    a = build(tmp_path / "a", 10.0, "took 10 s", b"w")
+    b = build(tmp_path / "b", 12.5, "took 12.5 s", b"w")
+    assert a["content_sha256"] == b["content_sha256"]
+    assert set(read_manifest(tmp_path / "b")["files"]) == {"model.pt", "log.txt", "summary.json"}
+    assert build(tmp_path / "c", 10.0, "took 10 s", b"W")["content_sha256"] != a["content_sha256"]
+    atomic_write_json(tmp_path / "a" / "summary.json", {"min_val_bpb": 2.9, "total_training_time": 10.0,
+                                                        "user_config": {"out_dir": "x", "depth": 4}})
+    changed = write_manifest(tmp_path / "a", stage="pretrain", key="k", metrics={}, store_root=tmp_path,
+                             started_at=time.time(), volatile=("log.txt",))
+    assert changed["content_sha256"] != b["content_sha256"]  # a metric of the weights is content
+
