@@ -22,7 +22,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from tasks.base_eval import base_eval_options, base_eval_section, base_eval_stage
-from tasks.cache import with_store
+from tasks.cache import record_name, with_store
 from tasks.chat_eval import chat_eval_options, chat_eval_section, chat_eval_stage
 from tasks.config import ConfigError, SpeedrunConfig, load_config, parse_set
 from tasks.eval_bundle import eval_bundle_section, eval_bundle_stage
@@ -32,7 +32,7 @@ from tasks.report import report_options, report_section, report_stage
 from tasks.sft import sft_options, sft_section, sft_stage
 from tasks.shards import shards_options, shards_section, shards_stage
 from tasks.stages import STAGES, downstream_of
-from tasks.store import Store, atomic_write_json
+from tasks.store import MANIFEST, Store, atomic_write_json, check_artifact
 from tasks.tokenizer import tokenizer_section, tokenizer_stage
 
 def stage_graph(cfg: SpeedrunConfig | None = None) -> dict[str, tuple[str, ...]]:
@@ -56,8 +56,9 @@ class StageRunner:
     """Runs stage tasks against one store and records each one's state, key, wall time and artifact."""
 
     def __init__(self, cfg: SpeedrunConfig, refresh: list[str] | str | None, graph: dict[str, tuple[str, ...]],
-                 until: str | None = None, resume: list[str] | str | None = None):
+                 until: str | None = None, resume: list[str] | str | None = None, verify: bool = False):
         self.store = Store(cfg.runtime.store)
+        self.verify = verify
         self.graph = graph
         self.refresh = stages_to_refresh(refresh, graph)
         self.resume = stages_to_refresh(resume, graph)  # the first attempt's refresh, on a retry
@@ -75,21 +76,36 @@ class StageRunner:
             return None
         upstream = {u: self.artifacts[u] for u in self.graph[name] if u in self.artifacts}
         t0 = time.time()
+        if self.verify:
+            self.verify_artifact(name, section, upstream)
         state = with_store(stage_task, self.store, refresh=name in self.refresh)(
             section=section, upstream=upstream, store=str(self.store.root), options=options or {},
             rebuild="fresh" if name in self.refresh else ("resume" if name in self.resume else None),
             return_state=True)
         record = state.result()  # raises the stage's exception if it failed
+        # Records hold paths relative to the store root (a store can move): resolve against this run's store.
+        record = {**record, "path": str(self.store.root / record["path"])}
         self.stages[name] = {"state": state.name, "key": record["key"], "seconds": round(time.time() - t0, 3),
                              "artifact": record["path"]}
         self.artifacts[name] = record
         get_run_logger().info(f"stage {name}: {state.name} in {time.time() - t0:.1f}s -> {record['path']}")
         return record
 
+    def verify_artifact(self, name: str, section: dict, upstream: dict) -> None:
+        """--verify: re-hash every file of the stage's artifact; one that changed is dropped and rebuilt."""
+        key = STAGES[name].key(section, upstream)
+        art = self.store.stage_dir(name, key)
+        problem = check_artifact(art, self.store.root, verify=True) if art.exists() else None
+        if problem:
+            get_run_logger().warning(f"stage {name}: --verify: {problem}; rebuilding {art}")
+            (art / MANIFEST).unlink(missing_ok=True)
+            (self.store.results_dir / record_name(name, key)).unlink(missing_ok=True)
+
 
 @flow(name="speedrun", log_prints=True)
 def speedrun(preset: str = "smoke", overrides: dict | None = None, refresh: list[str] | None = None,
-             mirror: str | None = None, store: str | None = None, until: str | None = None) -> dict:
+             mirror: str | None = None, store: str | None = None, until: str | None = None,
+             verify: bool = False) -> dict:
     cfg = load_config(preset, overrides, mirror=mirror, store=store)  # validated before any stage runs
     check_until(until)
     attention = attention_backend(cfg.runtime, cfg.pretrain.device_type)  # a backend this node lacks fails now
@@ -100,7 +116,7 @@ def speedrun(preset: str = "smoke", overrides: dict | None = None, refresh: list
         logger.info(f"attempt {flow_run.run_count}: refresh={refresh} applies to the first attempt only; stages "
                     "rebuilt then come back Cached and an interrupted rebuild resumes from its checkpoint")
         refresh, resume = None, refresh
-    run = StageRunner(cfg, refresh, stage_graph(cfg), until, resume=resume)
+    run = StageRunner(cfg, refresh, stage_graph(cfg), until, resume=resume, verify=verify)
     logger.info(f"preset {preset}: {cfg.plan.num_iterations} steps at depth {cfg.pretrain.depth}, "
                 f"attention {attention} (runtime.attention={cfg.runtime.attention}), store {cfg.runtime.store}")
     if cfg.train_shards_wanted() > len(cfg.train_shard_indices()):
@@ -158,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store", help="artifact store root (default $SPEEDRUN_HOME or ~/.cache/speedrun)")
     parser.add_argument("--until", metavar="STAGE", help="stop after this stage (e.g. pretrain)")
     parser.add_argument("--summary-json", type=Path, help="write stage states and the run summary here")
+    parser.add_argument("--verify", action="store_true",
+                        help="re-hash every file of every artifact used (normally only files whose size or mtime changed)")
     args = parser.parse_args(argv)
 
     # Validate before starting Prefect, so a bad config fails in a second, not after server start-up.
@@ -173,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     result = speedrun(preset=args.preset, overrides=overrides, refresh=args.refresh or None,
-                      mirror=args.mirror, store=args.store, until=args.until)
+                      mirror=args.mirror, store=args.store, until=args.until, verify=args.verify)
     if args.summary_json:
         atomic_write_json(args.summary_json.resolve(), result)
     print(json.dumps(result["stages"], indent=2))

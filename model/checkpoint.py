@@ -29,9 +29,14 @@ _MARKER_RE = re.compile(r"^complete_(\d{6})$")
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
+    """torch.save to a temp file, fsync, rename. Saved through a file object: given a path, torch.save names the
+    zip archive inside after the (random) temp file, so equal tensors would give different bytes each time."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -123,7 +123,7 @@ def run_stage(stage: Stage, section: dict, upstream: dict, store_root: str, rebu
             logger.info(f"{stage.name}: resuming the interrupted rebuild in {target}")
         elif problem is None:
             logger.info(f"{stage.name}: valid artifact already at {art}")
-            return artifact_record(art)
+            return artifact_record(art, store.root)
         else:
             target = art
             if art.exists():
@@ -140,4 +140,4 @@ def run_stage(stage: Stage, section: dict, upstream: dict, store_root: str, rebu
         if target != art:
             _swap_in(art, target)
         logger.info(f"{stage.name}: artifact {art} ({time.time() - started:.1f}s)")
-        return artifact_record(art)
+        return artifact_record(art, store.root)

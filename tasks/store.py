@@ -188,8 +188,8 @@ def write_manifest(art: Path, *, stage: str, key: str, metrics: dict, refs: dict
     the volatile fields of JSON files are left out, so a rebuild that reproduces the same outputs gives
     downstream stages the same keys.
     """
-    files = {p.relative_to(art).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
-             for p in _listed_files(art)}
+    files = {p.relative_to(art).as_posix(): {"size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns,
+                                             "sha256": sha256_file(p)} for p in _listed_files(art)}
     outputs = {rel: content_sha256_of(art / rel) for rel in files
                if not any(fnmatch.fnmatch(rel, pattern) for pattern in volatile)}
     ref_entries = {}
@@ -211,7 +211,7 @@ def write_manifest(art: Path, *, stage: str, key: str, metrics: dict, refs: dict
         "timings": {"started_at": _iso(started_at), "finished_at": _iso(finished), "seconds": finished - started_at},
     }
     atomic_write_json(art / MANIFEST, manifest)
-    return artifact_record(art, manifest)
+    return artifact_record(art, store_root, manifest)
 
 
 def _iso(t: float) -> str:
@@ -226,32 +226,43 @@ def read_manifest(art: Path) -> dict | None:
     return manifest if isinstance(manifest, dict) and manifest.get("format") == MANIFEST_FORMAT else None
 
 
-def check_artifact(art: Path, store_root: Path) -> str | None:
-    """Cheap validation (presence, sizes, ref mtimes; no hashing). None if valid, else the reason."""
+def _changed(path: Path, meta: dict, verify: bool) -> str | None:
+    """Why a file no longer matches its manifest entry, or None. Files whose size and mtime are unchanged are
+    trusted unless `verify`; any other file is re-hashed (a same-size edit changes the mtime)."""
+    if not path.is_file():
+        return "is missing"
+    st = path.stat()
+    if st.st_size != meta["size"]:
+        return f"has size {st.st_size}, the manifest says {meta['size']}"
+    if (verify or st.st_mtime_ns != meta.get("mtime_ns")) and sha256_file(path) != meta["sha256"]:
+        return "has other bytes than when the artifact was built (sha256)"
+    return None
+
+
+def check_artifact(art: Path, store_root: Path, verify: bool = False) -> str | None:
+    """None if `art` is a valid artifact, else the reason. Files are present with their sizes; those whose
+    mtime changed are re-hashed; `verify` re-hashes every file (`--verify`)."""
     manifest = read_manifest(art)
     if manifest is None:
         return f"no valid {MANIFEST} in {art}"
     for rel, meta in manifest["files"].items():
-        p = art / rel
-        if not p.is_file():
-            return f"{rel} is missing"
-        if p.stat().st_size != meta["size"]:
-            return f"{rel} has size {p.stat().st_size}, manifest says {meta['size']}"
-    for name, meta in manifest["refs"].items():
-        p = store_root / meta["path"]
-        if not p.is_file():
-            return f"referenced {meta['path']} is missing"
-        st = p.stat()
-        if st.st_size != meta["size"] or st.st_mtime_ns != meta["mtime_ns"]:
-            return f"referenced {meta['path']} changed since the artifact was built"
+        problem = _changed(art / rel, meta, verify)
+        if problem:
+            return f"{rel} {problem}"
+    for meta in manifest["refs"].values():
+        problem = _changed(store_root / meta["path"], meta, verify)
+        if problem:
+            return f"referenced {meta['path']} {problem}"
     return None
 
 
-def artifact_record(art: Path, manifest: dict | None = None) -> dict:
+def artifact_record(art: Path, store_root: Path, manifest: dict | None = None) -> dict:
+    """What a stage returns (and Prefect caches): its `path` relative to the store root, so a moved store's
+    records still hold; the flow joins it with the store it runs against."""
     manifest = manifest or read_manifest(art)
     if manifest is None:
         raise FileNotFoundError(f"{art} has no valid {MANIFEST}")
-    return {"stage": manifest["stage"], "key": manifest["key"], "path": str(art),
+    return {"stage": manifest["stage"], "key": manifest["key"], "path": art.relative_to(store_root).as_posix(),
             "content_sha256": manifest["content_sha256"], "metrics": manifest["metrics"]}
 
 

@@ -19,9 +19,9 @@ def test_swap_replaces_the_artifact_only_with_a_complete_rebuild(tmp_path):
     art = tmp_path / "stages" / "x" / "k"
     make_artifact(art, "old", tmp_path)
     make_artifact(rebuild_dir(art), "new", tmp_path)
-    assert artifact_record(art)["metrics"] == {"v": "old"}
+    assert artifact_record(art, tmp_path)["metrics"] == {"v": "old"}
     _swap_in(art, rebuild_dir(art))
-    assert check_artifact(art, tmp_path) is None and artifact_record(art)["metrics"] == {"v": "new"}
+    assert check_artifact(art, tmp_path) is None and artifact_record(art, tmp_path)["metrics"] == {"v": "new"}
     assert sorted(p.name for p in art.parent.iterdir()) == ["k"]  # no .old, no .rebuild left behind
 
 
@@ -29,7 +29,7 @@ def test_a_swap_interrupted_between_its_renames_is_completed(tmp_path):
     art = tmp_path / "stages" / "x" / "k"
     make_artifact(rebuild_dir(art), "new", tmp_path)  # the old artifact was renamed away, then the crash
     _finish_swap(art, tmp_path)
-    assert check_artifact(art, tmp_path) is None and artifact_record(art)["metrics"] == {"v": "new"}
+    assert check_artifact(art, tmp_path) is None and artifact_record(art, tmp_path)["metrics"] == {"v": "new"}
 
 
 def test_an_unfinished_rebuild_never_replaces_a_valid_artifact(tmp_path):
@@ -37,7 +37,7 @@ def test_an_unfinished_rebuild_never_replaces_a_valid_artifact(tmp_path):
     make_artifact(art, "old", tmp_path)
     (rebuild_dir(art) / "work").mkdir(parents=True)  # a refresh in progress, or killed: no manifest
     _finish_swap(art, tmp_path)
-    assert artifact_record(art)["metrics"] == {"v": "old"} and rebuild_dir(art).exists()
+    assert artifact_record(art, tmp_path)["metrics"] == {"v": "old"} and rebuild_dir(art).exists()
     (tmp_path / "other").mkdir()
     _finish_swap(tmp_path / "other" / "k", tmp_path)  # nothing there at all: nothing happens
     assert not (tmp_path / "other" / "k").exists()

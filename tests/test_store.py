@@ -83,8 +83,8 @@ def test_write_manifest(artifact):
     m = read_manifest(art)
     assert m is not None
     assert m["stage"] == "pretrain" and m["key"] == "k1"
-    assert m["files"] == {rel: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-                          for rel, data in FILES.items()}
+    assert m["files"] == {rel: {"size": len(data), "mtime_ns": (art / rel).stat().st_mtime_ns,
+                                "sha256": hashlib.sha256(data).hexdigest()} for rel, data in FILES.items()}
     assert not any(k.startswith("work") or k == MANIFEST or k.endswith(".tmp") for k in m["files"])
     assert m["refs"]["shard_0"]["path"] == "shards/abc/shard_00000.parquet"
     assert m["refs"]["shard_0"]["size"] == ref.stat().st_size
@@ -101,8 +101,8 @@ def test_write_manifest(artifact):
     assert json.loads((art / MANIFEST).read_text()) == m
     assert not list(art.glob(f".{MANIFEST}*"))
     # the record downstream stages key on
-    assert record == artifact_record(art)
-    assert record == {"stage": "pretrain", "key": "k1", "path": str(art),
+    assert record == artifact_record(art, store_root)
+    assert record == {"stage": "pretrain", "key": "k1", "path": "stages/pretrain/k1",
                       "content_sha256": m["content_sha256"], "metrics": {"val_bpb": 1.23}}
 
 
@@ -168,7 +168,7 @@ def test_check_artifact_bad_manifest(artifact, corruption):
     reason = check_artifact(art, store_root)
     assert reason and MANIFEST in reason
     with pytest.raises(FileNotFoundError):
-        artifact_record(art)
+        artifact_record(art, store_root)
 
 
 def test_check_artifact_ref_rewritten_same_size(artifact):
@@ -177,7 +177,26 @@ def test_check_artifact_ref_rewritten_same_size(artifact):
     time.sleep(0.05)  # past any coarse timestamp tick
     ref.write_bytes(data[::-1])  # same size, new mtime
     reason = check_artifact(art, store_root)
-    assert reason and "shards/abc/shard_00000.parquet" in reason and "changed" in reason
+    assert reason and "shards/abc/shard_00000.parquet" in reason and "other bytes" in reason
+
+
+def test_a_flipped_byte_is_caught_by_its_mtime_or_by_verify(artifact):
+    """A same-size edit changes the file's mtime, which makes validation re-hash it; with the mtime put back,
+    only --verify (re-hash everything) sees it."""
+    store_root, art, _, _ = artifact
+    victim = art / next(iter(FILES))
+    st = victim.stat()
+    data = bytearray(victim.read_bytes())
+    data[0] ^= 0x01
+    victim.write_bytes(bytes(data))
+    reason = check_artifact(art, store_root)
+    assert reason and "sha256" in reason
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert check_artifact(art, store_root) is None
+    assert "sha256" in check_artifact(art, store_root, verify=True)
+    data[0] ^= 0x01
+    victim.write_bytes(bytes(data))  # restored: valid again whatever the mtime says
+    assert check_artifact(art, store_root) is None and check_artifact(art, store_root, verify=True) is None
 
 
 def test_check_artifact_ref_missing(artifact):
