@@ -359,6 +359,7 @@ def train_steps(args, device, sizes, tokenizer, fp8: bool) -> tuple[dict, object
     """d12 (CPU: d1) pretraining steps on the shards: compiled model and optimizer, like model.train."""
     from model.data import read_shard_paths
     from model.dataloader import BestFitLoader
+    from bench.train_throughput import train_step
     from model.sizing import ModelShape
 
     depth, T, B = sizes["train_depth"], sizes["train_seq"], sizes["train_batch"]
@@ -379,15 +380,9 @@ def train_steps(args, device, sizes, tokenizer, fp8: bool) -> tuple[dict, object
     times, losses = [], []
     for step in range(sizes["train_steps"]):
         x, y = next(loader)
-        sync(device)
-        t0 = time.perf_counter()
-        loss = compiled(x, y)
-        loss.backward()
-        optimizer.step()
-        model.zero_grad(set_to_none=True)
+        seconds, loss = train_step(compiled, model, optimizer, x, y, device)
+        times.append(seconds)
         losses.append(loss.item())
-        sync(device)
-        times.append(time.perf_counter() - t0)
     timed_steps = times[TIMED_FROM_STEP:] or times[1:] or times
     dt = statistics.median(timed_steps)
     flops_per_token = model.estimate_flops()

@@ -48,6 +48,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def train_step(compiled, model, optimizer, x, y, device) -> tuple[float, torch.Tensor]:
+    """One timed training step, forward to optimizer step: (seconds, loss)."""
+    sync(device)
+    t0 = time.perf_counter()
+    loss = compiled(x, y)
+    loss.backward()
+    optimizer.step()
+    model.zero_grad(set_to_none=True)
+    sync(device)
+    return time.perf_counter() - t0, loss
+
+
 def build(args, device, fp8: bool):
     shape = ModelShape.from_depth(args.depth, aspect_ratio=args.aspect_ratio, head_dim=args.head_dim,
                                   vocab_size=args.vocab_size, seq_len=args.max_seq_len, window_pattern=args.window_pattern)
@@ -75,15 +87,9 @@ def time_steps(args, device, fp8: bool) -> dict:
     y = torch.randint(0, args.vocab_size, (B, T), device=device)
     times = []
     for i in range(args.warmup + args.steps):
-        sync(device)
-        t0 = time.perf_counter()
-        loss = compiled(x, y)
-        loss.backward()
-        optimizer.step()
-        model.zero_grad(set_to_none=True)
-        sync(device)
+        seconds, loss = train_step(compiled, model, optimizer, x, y, device)
         if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
+            times.append(seconds)
     dt = statistics.median(times)
     result = {"ms_per_step": dt * 1000, "tok_per_sec": B * T / dt, "flops_per_token": model.estimate_flops(),
               "final_loss": loss.item()}
