@@ -25,7 +25,7 @@ from tasks.base_eval import base_eval_options, base_eval_section, base_eval_stag
 from tasks.cache import record_name, with_store
 from tasks.chat_eval import chat_eval_options, chat_eval_section, chat_eval_stage
 from tasks.config import ConfigError, SpeedrunConfig, load_config, parse_set
-from tasks.eval_bundle import eval_bundle_section, eval_bundle_stage
+from tasks.eval_bundle import eval_bundle_options, eval_bundle_section, eval_bundle_stage
 from tasks.launch import attention_backend
 from tasks.pretrain import pretrain_options, pretrain_section, pretrain_stage
 from tasks.report import report_options, report_section, report_stage
@@ -123,9 +123,12 @@ def speedrun(preset: str = "smoke", overrides: dict | None = None, refresh: list
         logger.warning(f"the horizon wants {cfg.train_shards_wanted()} train shards but {cfg.data.source} has "
                        f"{len(cfg.train_shard_indices())}: pretraining will repeat epochs over them")
 
-    shards = run("shards", shards_stage, shards_section(cfg), shards_options(cfg))
+    # External inputs enter the keys by content; --verify or a refresh of the stage re-hashes local sources.
+    shards = run("shards", shards_stage, shards_section(cfg, verify or "shards" in run.refresh, log=logger.info),
+                 shards_options(cfg))
     tokenizer = run("tokenizer", tokenizer_stage, tokenizer_section(cfg))
-    run("eval_bundle", eval_bundle_stage, eval_bundle_section(cfg))
+    run("eval_bundle", eval_bundle_stage, eval_bundle_section(cfg, verify or "eval_bundle" in run.refresh),
+        eval_bundle_options(cfg))
     pretrain = run("pretrain", pretrain_stage, pretrain_section(cfg), pretrain_options(cfg))
     base_eval = run("base_eval", base_eval_stage, base_eval_section(cfg), base_eval_options(cfg))
     sft = run("sft", sft_stage, sft_section(cfg), sft_options(cfg))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import re
 import threading
@@ -35,6 +36,8 @@ from fsspec.utils import get_protocol
 from tqdm import tqdm
 
 from model.data import CorruptShardError, ShardStats, shard_filename, validate_shard
+from tasks.source_identity import HashCache, is_local, local_path, remote_version
+from tasks.store import atomic_write_json
 
 DEFAULT_SOURCE = (
     "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main/"
@@ -202,11 +205,6 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _record(index: int, path: Path, size: int, sha256: str, stats: ShardStats) -> ShardRecord:
     return ShardRecord(
         index=index,
@@ -290,33 +288,67 @@ def _retry_or_stop(exc, index, attempt, attempts, backoff_s, timeout_s, cancelle
     return True
 
 
+def _source_record(shard: Path) -> Path:
+    """Beside a shard fetched from a server that reports versions: which version it was, and its sha256."""
+    return shard.with_name(shard.name + ".source.json")
+
+
+def _stored_mismatch(final: Path, expected: dict | None, hash_cache: HashCache, verify: bool) -> str | None:
+    """Why the stored shard is not the one the source holds now, or None. Without an expectation any valid
+    shard is accepted. `verify` re-hashes the stored file instead of trusting the hash cache."""
+    if expected is None:
+        return None
+    if "sha256" in expected:  # the source's bytes are known
+        stored = hash_cache.sha256(final, verify)
+        if stored != expected["sha256"]:
+            return f"differs from the source (sha256 {stored[:12]}, the source has {expected['sha256'][:12]})"
+        return None
+    try:  # the source gave a version (ETag, Last-Modified, ...): was the stored file fetched at that version?
+        record = json.loads(_source_record(final).read_text())
+    except (OSError, ValueError):
+        return "has no record of the source version it came from"
+    if record.get("source") != expected:
+        return "was fetched from another version of the source"
+    if verify and hash_cache.sha256(final, verify=True) != record.get("sha256"):
+        return "has other bytes than when it was fetched (sha256)"
+    return None
+
+
 def _ensure_shard(
     source: str,
     index: int,
     dest_dir: Path,
     *,
+    expected: dict | None,
+    hash_cache: HashCache,
+    verify: bool,
     attempts: int,
     backoff_s: float,
     timeout_s: float,
     cancelled: threading.Event,
     log: Callable[[str], Any],
 ) -> ShardRecord:
-    """Reuse a valid shard already in ``dest_dir``, else (re-)fetch it."""
+    """Reuse a valid shard already in ``dest_dir`` that matches ``expected`` (its identity at the source), else
+    (re-)fetch it."""
     if cancelled.is_set():
         raise _Cancelled()
     final = dest_dir / shard_filename(index)
     replacing_corrupt = False
     if final.exists():
-        try:
-            stats = validate_shard(final)
-        except CorruptShardError as exc:
-            log(f"shard {index:05d}: existing {final} is corrupt ({exc.reason}); deleting it")
-            final.unlink(missing_ok=True)
-            replacing_corrupt = True
-        else:
-            record = _record(index, final, final.stat().st_size, _sha256_file(final), stats)
+        problem = _stored_mismatch(final, expected, hash_cache, verify)
+        if problem is None:
+            try:
+                stats = validate_shard(final)
+            except CorruptShardError as exc:
+                problem = f"is corrupt ({exc.reason})"
+        if problem is None:
+            record = _record(index, final, final.stat().st_size, hash_cache.sha256(final), stats)
             log(f"shard {index:05d}: reusing valid {final} ({record.num_rows} rows)")
             return record
+        log(f"shard {index:05d}: existing {final} {problem}; deleting it")
+        final.unlink(missing_ok=True)
+        _source_record(final).unlink(missing_ok=True)
+        replacing_corrupt = True
 
     url = shard_url(source, index)
     started = time.monotonic()
@@ -330,6 +362,15 @@ def _ensure_shard(
         cancelled=cancelled,
         log=log,
     )
+    hash_cache.remember(final, record.sha256)
+    if expected is not None and "sha256" in expected and record.sha256 != expected["sha256"]:
+        final.unlink(missing_ok=True)
+        raise ShardDownloadError(
+            f"shard {index} changed at {url} while this run was fetching it (sha256 {record.sha256[:12]}, expected "
+            f"{expected['sha256'][:12]}); fix: rerun once the source is stable"
+        )
+    if expected is not None and "sha256" not in expected:  # a server version: remember what it gave
+        atomic_write_json(_source_record(final), {"source": expected, "sha256": record.sha256})
     verb = "re-fetched" if replacing_corrupt else "fetched"
     log(
         f"shard {index:05d}: {verb} {url} ({record.size / 1e6:.1f} MB, {record.num_rows} rows) "
@@ -367,11 +408,16 @@ def fetch_shards(
     timeout_s: float = 30.0,
     progress: bool = True,
     log: Callable[[str], Any] = print,
+    expected: dict[int, dict] | None = None,
+    hash_cache: HashCache | None = None,
+    verify: bool = False,
 ) -> dict[int, ShardRecord]:
     """Make ``dest_dir/shard_XXXXX.parquet`` present and valid for every index; return records.
 
-    Valid shards already there are reused (no request); corrupt ones are deleted and fetched
-    again. Downloads run on ``workers`` threads; each shard gets up to ``attempts`` tries with
+    Valid shards already there are reused (no request) when they match ``expected[index]``, the
+    shard's identity at the source (``shard_identities``; without it any valid shard is reused);
+    corrupt or outdated ones are deleted and fetched again. ``hash_cache`` remembers stored
+    shards' sha256 by size and mtime; ``verify`` re-hashes them instead. Downloads run on ``workers`` threads; each shard gets up to ``attempts`` tries with
     ``backoff_s * 2**(k-1)`` seconds of sleep after failed try k. ``timeout_s`` bounds HTTP
     connecting and each wait for data. A missing shard raises ``ShardSourceError`` at once; a
     shard that fails every try raises ``ShardDownloadError``. On the first permanent failure
@@ -390,6 +436,7 @@ def fetch_shards(
     dest = Path(dest_dir)
     dest.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(dest, log=log)
+    hash_cache = hash_cache or HashCache(None)
 
     cancelled = threading.Event()
     records: dict[int, ShardRecord] = {}
@@ -402,6 +449,9 @@ def fetch_shards(
                     source,
                     index,
                     dest,
+                    expected=(expected or {}).get(index),
+                    hash_cache=hash_cache,
+                    verify=verify,
                     attempts=attempts,
                     backoff_s=backoff_s,
                     timeout_s=timeout_s,
@@ -420,4 +470,87 @@ def fetch_shards(
             raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+            hash_cache.save()
     return {index: records[index] for index in wanted}
+
+
+def shard_identities(
+    source: str | os.PathLike[str],
+    indices: Iterable[int],
+    *,
+    hash_cache: HashCache,
+    verify: bool = False,
+    fetch_into: str | os.PathLike[str],
+    workers: int = 4,
+    attempts: int = 5,
+    backoff_s: float = 1.0,
+    timeout_s: float = 30.0,
+    log: Callable[[str], Any] = print,
+) -> dict[int, dict]:
+    """What the source holds for each shard, for the shards stage key (see tasks/source_identity.py).
+
+    A local shard: {"size", "sha256"} (through ``hash_cache``; ``verify`` re-reads). A remote shard: the
+    server's version ({"url", "size", "ETag", ...}); a server that reports no version is fetched into
+    ``fetch_into`` (the store's shard directory, where the stage then finds it) and identified by the sha256
+    of what arrived. A shard the source lacks raises ``ShardSourceError``.
+    """
+    source = os.fspath(source)
+    fetch_dir = Path(fetch_into)
+    cancelled = threading.Event()
+
+    def identify(index: int) -> dict:
+        url = shard_url(source, index)
+        if is_local(url):
+            path = local_path(url)
+            if not path.is_file():
+                raise ShardSourceError(f"shard {index} is not available from {url}: not found; check data.source / "
+                                       f"--mirror (the source must hold {shard_filename(index)})")
+            return {"size": path.stat().st_size, "sha256": hash_cache.sha256(path, verify)}
+        version = _remote_version_with_retries(url, index, attempts, backoff_s, timeout_s, cancelled, log)
+        if version is not None:
+            return version
+        fetch_dir.mkdir(parents=True, exist_ok=True)
+        record = _download(url, index, fetch_dir / shard_filename(index), attempts=attempts, backoff_s=backoff_s,
+                           timeout_s=timeout_s, cancelled=cancelled, log=log)
+        hash_cache.remember(Path(record.path), record.sha256)
+        log(f"shard {index:05d}: {url} reports no version (ETag, Last-Modified); fetched it to learn its sha256")
+        return {"size": record.size, "sha256": record.sha256}
+
+    wanted = sorted({int(index) for index in indices})
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shard-identity") as pool:
+        try:
+            identities = dict(zip(wanted, pool.map(identify, wanted)))
+        except BaseException:
+            cancelled.set()
+            raise
+        finally:
+            hash_cache.save()
+    return identities
+
+
+def _remote_version(url: str, timeout_s: float) -> dict | None:
+    fs, path = _filesystem(url, timeout_s)
+    return remote_version(url, fs=fs, path=path)
+
+
+def _remote_version_with_retries(url, index, attempts, backoff_s, timeout_s, cancelled, log) -> dict | None:
+    for attempt in range(1, attempts + 1):
+        try:
+            return _remote_version(url, timeout_s)
+        except (FileNotFoundError, aiohttp.ClientError, OSError) as exc:
+            if _missing_for_good(exc) or not _retry_or_stop(exc, index, attempt, attempts, backoff_s, timeout_s,
+                                                             cancelled, log):
+                raise ShardSourceError(
+                    f"shard {index} is not available from {url}: {_describe(exc.__cause__ or exc, timeout_s)}; "
+                    f"check data.source / --mirror (the source must hold {shard_filename(index)})"
+                ) from exc
+    return None
+
+
+def _missing_for_good(exc: BaseException) -> bool:
+    # fsspec's HTTP info() reports every failed HEAD/GET as FileNotFoundError, the HTTP error as its cause: only a
+    # client error (404, 403, ...) is permanent; a 5xx, a timeout or a dropped connection is retried.
+    cause = exc.__cause__
+    if isinstance(cause, aiohttp.ClientResponseError):
+        return cause.status < 500 and cause.status not in _RETRYABLE_CLIENT_STATUSES
+    return isinstance(exc, FileNotFoundError) and cause is None

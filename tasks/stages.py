@@ -74,7 +74,9 @@ LAUNCH_ONLY = "how the run is launched or logged, not what it computes"
 # Logs, timings and wandb state: listed and size-checked in the manifest, left out of the content hash.
 TRAINING_RUN_RECORDS = ("log.txt", "metrics.jsonl", "wandb/*")  # summary.json counts, minus its timings
 STAGES: dict[str, Stage] = {s.name: s for s in (
-    Stage("shards", "Data shards", (), ("tasks.shards", "tasks.download"), section="data", excluded={
+    Stage("shards", "Data shards", (), ("tasks.shards", "tasks.download", "tasks.source_identity"), section="data",
+          excluded={
+        "source": "enters as what it holds: each shard's sha256 (local) or server version (remote)",
         "download_workers": "parallel downloads: the same files arrive",
         "download_attempts": "retries: the same files arrive",
         "download_timeout_s": "network timeout: the same files arrive",
@@ -84,7 +86,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
         "shard_margin": "enters as the resolved list of shard indices",
     }),
     Stage("tokenizer", "Tokenizer", ("shards",), ("tasks.tokenizer",), section="tokenizer", volatile=("log.txt",)),
-    Stage("eval_bundle", "CORE eval bundle", (), ("tasks.eval_bundle",)),
+    Stage("eval_bundle", "CORE eval bundle", (), ("tasks.eval_bundle", "tasks.source_identity")),
     Stage("pretrain", "Base model training", ("shards", "tokenizer", "eval_bundle"), ("tasks.pretrain", "tasks.training_artifact", "model.train"),
           section="pretrain", excluded={
               "run": f"the wandb run name: {LAUNCH_ONLY}",

@@ -36,8 +36,10 @@ from tasks.download import (
     ShardSourceError,
     fetch_shards,
     list_source_shards,
+    shard_identities,
     shard_url,
 )
+from tasks.source_identity import HashCache
 
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 PRETRAIN_DIR = DATA_DIR / "pretrain"
@@ -84,6 +86,7 @@ class FaultyShardServer(http.server.ThreadingHTTPServer):
         self.requests: Counter[str] = Counter()
         self._faults: dict[str, list] = {}
         self.release_stalled = threading.Event()
+        self.versionless = False  # True: no Last-Modified header (a server that reports no version)
 
     @property
     def base_url(self) -> str:
@@ -97,6 +100,7 @@ class FaultyShardServer(http.server.ThreadingHTTPServer):
     def reset(self) -> None:
         with self._lock:
             self.requests.clear()
+            self.versionless = False
             self._faults.clear()
 
     def count_and_pick_fault(self, name: str) -> str | None:
@@ -118,6 +122,11 @@ class FaultyShardHandler(http.server.SimpleHTTPRequestHandler):
 
     def _file_name(self) -> str:
         return self.path.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+
+    def send_header(self, keyword: str, value: str) -> None:
+        if keyword == "Last-Modified" and self.server.versionless:
+            return
+        super().send_header(keyword, value)
 
     def do_HEAD(self) -> None:
         # Counted too, so the tests prove the downloader makes no HEAD probe.
@@ -494,3 +503,110 @@ def test_stale_temp_files_are_removed_young_ones_kept(tmp_path):
     fetch_shards(str(PRETRAIN_DIR), [0], tmp_path, progress=False, log=lambda _: None)
     assert not old.exists() and young.exists()
     assert (tmp_path / "shard_00000.parquet").is_file()
+
+
+# --- what the source holds: shard identities, and stored shards checked against them ----------------
+
+
+def copy_source(tmp_path: Path, indices=(0, 1)) -> Path:
+    source = tmp_path / "mirror"
+    source.mkdir()
+    for i in indices:
+        shutil.copy(PRETRAIN_DIR / shard_filename(i), source / shard_filename(i))
+    return source
+
+
+def test_local_identity_is_the_sha256_remembered_by_size_and_mtime(tmp_path):
+    source = copy_source(tmp_path)
+    cache = HashCache(tmp_path / "cache.json")
+    ids = shard_identities(source, [0, 1], hash_cache=cache, fetch_into=tmp_path / "store")
+    assert ids == {i: {"size": (source / shard_filename(i)).stat().st_size,
+                       "sha256": sha256_of(PRETRAIN_DIR / shard_filename(i))} for i in (0, 1)}
+    assert not (tmp_path / "store").exists()  # a local source is read in place, never copied to learn it
+    # The second call trusts the cache (size and mtime unchanged): a doctored entry shows it was not re-read ...
+    entries = HashCache(tmp_path / "cache.json").entries
+    entries[str((source / shard_filename(0)).resolve())]["sha256"] = "doctored"
+    (tmp_path / "cache.json").write_text(__import__("json").dumps(entries))
+    again = shard_identities(source, [0], hash_cache=HashCache(tmp_path / "cache.json"), fetch_into=tmp_path / "s")
+    assert again[0]["sha256"] == "doctored"
+    # ... while verify re-reads, and a replaced file (new mtime) is re-read whatever the cache says.
+    verified = shard_identities(source, [0], hash_cache=HashCache(tmp_path / "cache.json"), verify=True,
+                                fetch_into=tmp_path / "s")
+    assert verified[0]["sha256"] == sha256_of(PRETRAIN_DIR / shard_filename(0))
+    shutil.copy(PRETRAIN_DIR / shard_filename(2), source / shard_filename(1))
+    replaced = shard_identities(source, [1], hash_cache=HashCache(tmp_path / "cache.json"), fetch_into=tmp_path / "s")
+    assert replaced[1]["sha256"] == sha256_of(PRETRAIN_DIR / shard_filename(2))
+
+
+def test_stored_shard_is_reused_only_while_it_matches_the_source(tmp_path, log_lines):
+    source, dest = copy_source(tmp_path), tmp_path / "dest"
+    cache = HashCache(tmp_path / "cache.json")
+    ids = shard_identities(source, [0, 1], hash_cache=cache, fetch_into=dest)
+    fetch_shards(source, [0, 1], dest, expected=ids, hash_cache=cache, **FAST)
+    # Replace shard 1 in the source with another valid shard: its stored copy is outdated and fetched again.
+    shutil.copy(PRETRAIN_DIR / shard_filename(5), source / shard_filename(1))
+    ids = shard_identities(source, [0, 1], hash_cache=cache, fetch_into=dest)
+    records = fetch_shards(source, [0, 1], dest, expected=ids, hash_cache=cache, log=log_lines.append, **FAST)
+    assert records[1].sha256 == sha256_of(PRETRAIN_DIR / shard_filename(5)) == sha256_of(dest / shard_filename(1))
+    assert any("shard 00001: existing" in line and "differs from the source" in line for line in log_lines)
+    assert any("shard 00000: reusing valid" in line for line in log_lines)
+
+
+def test_verify_rehashes_stored_shards_the_cache_would_trust(tmp_path, log_lines):
+    source, dest = copy_source(tmp_path, (0,)), tmp_path / "dest"
+    cache = HashCache(tmp_path / "cache.json")
+    ids = shard_identities(source, [0], hash_cache=cache, fetch_into=dest)
+    fetch_shards(source, [0], dest, expected=ids, hash_cache=cache, **FAST)
+    stored = dest / shard_filename(0)
+    # Other bytes under an unchanged size and mtime (a silent disk error, a careless copy), in a place that still
+    # decodes (the writer's name in the footer): invisible to stat and to decoding.
+    st = stored.stat()
+    data = stored.read_bytes()
+    assert b"parquet-cpp-arrow" in data
+    stored.write_bytes(data.replace(b"parquet-cpp-arrow", b"parquet-cpp-arroW"))
+    os.utime(stored, ns=(st.st_atime_ns, st.st_mtime_ns))
+    fetch_shards(source, [0], dest, expected=ids, hash_cache=HashCache(tmp_path / "cache.json"),
+                 log=log_lines.append, **FAST)
+    assert sha256_of(stored) != ids[0]["sha256"]  # trusted: same size and mtime
+    fetch_shards(source, [0], dest, expected=ids, hash_cache=HashCache(tmp_path / "cache.json"), verify=True,
+                 log=log_lines.append, **FAST)
+    assert sha256_of(stored) == ids[0]["sha256"]
+    assert any("differs from the source" in line for line in log_lines)
+
+
+def test_http_identity_is_the_server_version_and_a_new_version_is_fetched_again(server, template_source, tmp_path,
+                                                                                log_lines):
+    cache = HashCache(None)
+    ids = shard_identities(template_source, [0], hash_cache=cache, fetch_into=tmp_path / "never", **FAST_ID)
+    assert ids[0]["url"] == template_source.format(index=0) and ids[0]["Last-Modified"]
+    assert ids[0]["size"] == (PRETRAIN_DIR / shard_filename(0)).stat().st_size
+    assert not (tmp_path / "never").exists()  # a versioned server is asked, not downloaded from
+    fetch_shards(template_source, [0], tmp_path, expected=ids, hash_cache=cache, **FAST)
+    server.reset()
+    fetch_shards(template_source, [0], tmp_path, expected=ids, hash_cache=cache, log=log_lines.append, **FAST)
+    assert server.requests == Counter()  # same version: reused, no request
+    newer = {0: {**ids[0], "Last-Modified": "Wed, 02 Dec 2026 03:00:00 GMT"}}
+    fetch_shards(template_source, [0], tmp_path, expected=newer, hash_cache=cache, log=log_lines.append, **FAST)
+    assert server.requests == Counter({shard_filename(0): 1})
+    assert any("fetched from another version of the source" in line for line in log_lines)
+
+
+def test_versionless_server_is_identified_by_the_sha256_of_what_it_sent(server, template_source, tmp_path):
+    server.versionless = True
+    cache = HashCache(None)
+    ids = shard_identities(template_source, [0], hash_cache=cache, fetch_into=tmp_path, **FAST_ID)
+    assert ids == {0: {"size": (PRETRAIN_DIR / shard_filename(0)).stat().st_size,
+                       "sha256": sha256_of(PRETRAIN_DIR / shard_filename(0))}}
+    fetched = server.requests[shard_filename(0)]
+    fetch_shards(template_source, [0], tmp_path, expected=ids, hash_cache=cache, **FAST)
+    assert server.requests[shard_filename(0)] == fetched  # the copy fetched to learn it is the one kept
+
+
+def test_missing_remote_shard_is_reported_at_once_with_its_url(server, template_source, tmp_path):
+    started = time.monotonic()
+    with pytest.raises(ShardSourceError, match=r"shard 99 is not available from http://127\.0\.0\.1:\d+/"):
+        shard_identities(template_source, [99], hash_cache=HashCache(None), fetch_into=tmp_path, backoff_s=5)
+    assert time.monotonic() - started < 5  # a 404 is not retried
+
+
+FAST_ID = dict(backoff_s=0.01)

@@ -82,3 +82,59 @@ def test_zip_without_core_yaml_is_rejected(tmp_path):
         zf.writestr("readme.txt", "no bundle here")
     with pytest.raises(BundleError, match="0 core.yaml"):
         fetch_bundle(str(empty), tmp_path / "dest", tmp_path / "work")
+
+
+# --- bundle_identity: what the eval_bundle key holds ---------------------------------------------------------
+
+
+def test_bundle_identity_follows_the_bytes_of_a_directory_or_zip(shared_data, bundle_zip, tmp_path):
+    import shutil
+
+    from tasks.eval_bundle import bundle_identity
+    from tasks.source_identity import HashCache
+    from tasks.store import sha256_file
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(shared_data / "eval_bundle", copy)
+    cache = HashCache(tmp_path / "cache.json")
+    before = bundle_identity(str(copy), cache)
+    assert before == bundle_identity(str(shared_data / "eval_bundle"), cache)  # where it lives does not count
+    assert before["files"]["core.yaml"] == sha256_file(copy / "core.yaml") and len(before["files"]) > 20
+    meta = copy / "eval_meta_data.csv"
+    meta.write_text(meta.read_text().replace("\n", "\r\n", 1))  # one byte more in the meta CSV
+    after = bundle_identity(str(copy), cache)
+    assert after != before and after["files"]["eval_meta_data.csv"] == sha256_file(meta)
+    assert bundle_identity(f"file://{bundle_zip}", cache) == {"size": bundle_zip.stat().st_size,
+                                                              "sha256": sha256_file(bundle_zip)}
+    with pytest.raises(BundleError, match="base_eval.bundle: .*nowhere does not exist"):
+        bundle_identity(str(tmp_path / "nowhere"), cache)
+
+
+def test_bundle_identity_of_a_url_is_the_server_version(bundle_zip, tmp_path):
+    from tasks.eval_bundle import bundle_identity
+    from tasks.source_identity import HashCache
+    from tasks.store import sha256_file
+
+    versionless = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def send_header(self, keyword, value):
+            if not (versionless and keyword == "Last-Modified"):
+                super().send_header(keyword, value)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(Handler, directory=str(bundle_zip.parent)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/eval_bundle.zip"
+        identity = bundle_identity(url, HashCache(None))
+        assert identity["url"] == url and identity["Last-Modified"] and identity["size"] == bundle_zip.stat().st_size
+        versionless.append(True)  # a server that reports no version: the sha256 of what it sends
+        assert bundle_identity(url, HashCache(None)) == {"url": url, "sha256": sha256_file(bundle_zip)}
+        with pytest.raises(BundleError, match="cannot be read"):
+            bundle_identity(url.replace("eval_bundle.zip", "missing.zip"), HashCache(None))
+    finally:
+        server.shutdown()
+        server.server_close()

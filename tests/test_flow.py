@@ -38,9 +38,9 @@ def run(prefect_server, shared_data, tmp_path):
 
     Runs stop after pretrain unless told otherwise: the cache mechanics do not need CORE every time.
     """
-    def _run(until="pretrain", **kwargs):
-        result = speedrun(preset="smoke", mirror=str(shared_data), store=str(tmp_path / "store"), until=until,
-                          **kwargs)
+    def _run(until="pretrain", mirror=None, **kwargs):
+        result = speedrun(preset="smoke", mirror=str(mirror or shared_data), store=str(tmp_path / "store"),
+                          until=until, **kwargs)
         _run.last = result
         return {name: s["state"] for name, s in result["stages"].items()}
     _run.store = tmp_path / "store"
@@ -158,6 +158,35 @@ def test_garbled_shard_in_store_is_detected_and_refetched(run, shared_data):
     victim.write_bytes(bytes(data))
     assert run() == expect("Cached", shards="Completed")
     assert sha256_file(victim) == sha256_file(shared_data / "pretrain" / "shard_00001.parquet")
+
+
+def test_external_inputs_are_keyed_by_what_they_hold(run, shared_data, tmp_path):
+    """A mirror edited in place: a replaced shard re-executes shards and what reads them, an edited bundle file
+    the eval bundle; `--refresh shards` re-hashes stored shards the size-and-mtime check would trust."""
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    shutil.copytree(shared_data / "pretrain", mirror / "pretrain")
+    shutil.copytree(shared_data / "eval_bundle", mirror / "eval_bundle")
+    for name in ("sft", "chat_eval"):
+        (mirror / name).symlink_to(shared_data / name)
+    assert run(mirror=mirror) == expect("Completed")
+    meta = mirror / "eval_bundle" / "eval_meta_data.csv"
+    meta.chmod(0o644)
+    meta.write_text(meta.read_text() + "\n")
+    assert run(mirror=mirror) == expect("Cached", eval_bundle="Completed")  # CORE is off during smoke training
+    shard = mirror / "pretrain" / "shard_00000.parquet"
+    shard.chmod(0o644)
+    shutil.copy(shared_data / "pretrain" / "shard_00003.parquet", shard)  # another valid shard, same name
+    assert run(mirror=mirror) == expect("Completed", eval_bundle="Cached")
+    stored = artifact(run, "shards") / json.loads((artifact(run, "shards") / "shards.json").read_text())["train"][0]
+    assert sha256_file(stored) == sha256_file(shared_data / "pretrain" / "shard_00003.parquet")
+    # Bytes changed under an unchanged size and mtime, where decoding cannot see it (the writer's name).
+    st = stored.stat()
+    stored.write_bytes(stored.read_bytes().replace(b"parquet-cpp-arrow", b"parquet-cpp-arroW"))
+    os.utime(stored, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert run(mirror=mirror, until="shards") == expect("Cached", until="shards")  # trusted by size and mtime
+    assert run(mirror=mirror, until="shards", refresh=["shards"]) == expect("Completed", until="shards")
+    assert sha256_file(stored) == sha256_file(shared_data / "pretrain" / "shard_00003.parquet")
 
 
 def test_refresh_reexecutes_stage_and_downstream(run):

@@ -165,7 +165,7 @@ def test_registry_is_the_one_list_of_stages():
 # ------------------------------------------------------------------------------------ the key rule
 
 EXCLUDED = {  # stage -> options of its config section that stay out of its key (the rule: stages.py)
-    "shards": {"download_workers", "download_attempts", "download_timeout_s", "num_train_shards",
+    "shards": {"source", "download_workers", "download_attempts", "download_timeout_s", "num_train_shards",
                "train_tokens_per_shard", "chars_per_shard", "shard_margin"},
     "tokenizer": set(),
     "eval_bundle": set(),
