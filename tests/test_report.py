@@ -35,7 +35,8 @@ def make_artifact(store: Path, stage: str, metrics: dict, files: dict[str, str])
     art.mkdir(parents=True)
     for name, text in files.items():
         (art / name).write_text(text)
-    return write_manifest(art, stage=stage, key=art.name, metrics=metrics, store_root=store, started_at=1.7e9)
+    record = write_manifest(art, stage=stage, key=art.name, metrics=metrics, store_root=store, started_at=1.7e9)
+    return {**record, "path": str(store / record["path"])}  # as the flow hands records downstream (StageRunner)
 
 
 @pytest.fixture
