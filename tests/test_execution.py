@@ -1,11 +1,14 @@
 """The code-execution sandbox (model/execution.py, spec/09 §4): limits, isolation, and HumanEval programs.
 
-Isolation tests run per layer: everything (what execute_code does), the kernel layer alone and the Python
-layer alone, so that each layer is shown to hold by itself. A kernel layer the machine does not offer is
-skipped with a reason (the Python layer is then what protects the run).
+Isolation tests run each escape under several layer sets: everything (what execute_code does), the kernel
+layers without the Python guards, the Python guards without any kernel layer, and each kernel layer meant to
+stop that escape alone, so that each is shown to hold by itself. A control run with no layer shows the escape
+works at all. A kernel layer the machine does not offer is skipped with a reason (the other layers then
+protect the run).
 """
 
 import json
+import os
 import socket
 import sys
 import time
@@ -13,22 +16,25 @@ from pathlib import Path
 
 import pytest
 
-from model.execution import TIMEOUT_ERROR, _execute, build_program, execute_code
+from model.execution import ALL_LAYERS, KERNEL_LAYERS, TIMEOUT_ERROR, _execute, build_program, execute_code
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox tests assume Linux")
 
-LAYERS = {"all": {}, "kernel": {"python_guards": False}, "python": {"kernel": False}}
+LAYERS = {"all": ALL_LAYERS, "kernel": KERNEL_LAYERS, "python": ("python-guards",), "netns": ("netns",),
+          "landlock": ("landlock",), "seccomp": ("seccomp",)}
+NEEDS = {"netns": "netns", "landlock": "landlock-fs", "seccomp": "seccomp"}  # what the child reports applying
 
 
 @pytest.fixture(scope="module")
 def kernel_features() -> set[str]:
-    return set(_execute("pass", 10, None, python_guards=False).sandbox)
+    return set(_execute("pass", 10, None, layers=KERNEL_LAYERS).sandbox)
 
 
-def run_layer(layer: str, code: str, kernel_features: set[str], needs: str, timeout: float = 10.0):
-    if layer == "kernel" and needs not in kernel_features:
+def run_layer(layer: str, code: str, kernel_features: set[str], needs: str | None = None, timeout: float = 10.0):
+    needs = NEEDS.get(layer) if layer in NEEDS else (needs if layer == "kernel" else None)
+    if needs and needs not in kernel_features:
         pytest.skip(f"this kernel/container offers no {needs} (applied: {sorted(kernel_features)})")
-    return _execute(code, timeout, 256 * 1024 * 1024, **LAYERS[layer])
+    return _execute(code, timeout, 256 * 1024 * 1024, layers=LAYERS[layer])
 
 
 # ------------------------------------------------------------------------------------- limits
@@ -50,7 +56,7 @@ def test_timeout_kills_the_whole_process_group(tmp_path):
             "p = subprocess.Popen(['sleep', '60'])\n"
             f"open({str(pid_file)!r}, 'w').write(str(p.pid))\n"
             "while True:\n    time.sleep(0.01)\n")
-    r = _execute(code, 2.0, None, kernel=False, python_guards=False)
+    r = _execute(code, 2.0, None, layers=())
     assert r.timeout
     pid = int(pid_file.read_text())
     time.sleep(0.2)
@@ -78,7 +84,7 @@ def test_no_memory_limit_when_none():
 # ------------------------------------------------------------------------------------ isolation
 
 
-@pytest.mark.parametrize("layer", sorted(LAYERS))
+@pytest.mark.parametrize("layer", ["all", "kernel", "python", "landlock"])
 def test_write_outside_temp_dir_fails(layer, tmp_path, kernel_features):
     target = tmp_path / "escaped.txt"
     victim = tmp_path / "victim.txt"
@@ -103,7 +109,7 @@ def test_temp_dir_is_private_and_removed():
     assert not Path(work).parent.exists()
 
 
-@pytest.mark.parametrize("layer", sorted(LAYERS))
+@pytest.mark.parametrize("layer", ["all", "kernel", "python", "netns", "seccomp"])
 def test_network_is_blocked(layer, kernel_features):
     server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     server.bind(("127.0.0.1", 0))
@@ -114,7 +120,7 @@ def test_network_is_blocked(layer, kernel_features):
             f"s.connect(('127.0.0.1', {port}))\nprint('connected')\n")
     try:
         # Control: with no layer at all the same program reaches the server.
-        open_run = _execute(code, 10, None, kernel=False, python_guards=False)
+        open_run = _execute(code, 10, None, layers=())
         assert open_run.success and open_run.stdout == "connected\n", open_run.stderr
         server.accept()[0].close()
         needs = "netns" if "netns" in kernel_features else "landlock-net"
@@ -127,11 +133,111 @@ def test_network_is_blocked(layer, kernel_features):
         server.close()
 
 
-def test_kernel_layer_blocks_execve(kernel_features):
-    if "landlock-fs" not in kernel_features:
-        pytest.skip("no Landlock on this kernel")
-    r = _execute("import os\nos.execv('/bin/true', ['true'])\n", 10, None, python_guards=False)
-    assert not r.success and r.error.startswith("PermissionError")
+# Ways out that worked against the earlier sandbox: each starts a process that outlives the sandboxed program
+# (a new session escapes the process-group kill) and writes OUTSIDE a moment later. Fail-safe means: after the
+# run and that moment, OUTSIDE does not exist.
+LATER = "import time; time.sleep(0.3); open(OUTSIDE, 'w').write('escaped')"
+ESCAPES = {
+    # subprocess's private handle on the C fork+exec raises no audit event; call_setsid leaves the group
+    "fork_exec_setsid": ("import os, subprocess\nr, w = os.pipe()\n"
+                         "subprocess._fork_exec(['/bin/sh', '-c', 'sleep 0.3; echo x > ' + OUTSIDE], [b'/bin/sh'], "
+                         "True, (), None, None, -1, -1, -1, -1, -1, -1, r, w, True, True, -1, None, None, None, -1, "
+                         "None, False)\n"),
+    "os_fork": f"import os\nif os.fork() == 0:\n    os.setsid()\n    {LATER}\n    os._exit(0)\n",
+    "os_execv": "import os\nos.execv('/bin/sh', ['sh', '-c', 'echo x > ' + OUTSIDE])\n",  # a shell, unaudited
+    # the pty child leads a session of its own already; it ignores the hangup when the parent exits
+    "pty_fork": ("import os, pty, signal\nif pty.fork()[0] == 0:\n    signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
+                 f"    {LATER}\n    os._exit(0)\n"),
+    "ctypes_fork": ("import ctypes, os\nlibc = ctypes.CDLL(None)\nif libc.fork() == 0:\n    libc.setsid()\n"
+                    f"    {LATER}\n    os._exit(0)\n"),
+    "multiprocessing": ("import multiprocessing as mp\ndef later():\n    import os\n    os.setsid()\n"
+                        f"    {LATER}\nif __name__ == '__main__':\n    mp.get_context('fork').Process(target=later).start()\n"),
+}
+
+
+def escaped(tmp_path: Path, escape: str, layers) -> tuple[bool, object]:
+    outside = tmp_path / f"{escape}.out"
+    outside.unlink(missing_ok=True)
+    r = _execute(f"OUTSIDE = {str(outside)!r}\n" + ESCAPES[escape], 5, 256 * 1024 * 1024, layers=layers)
+    time.sleep(0.8)  # longer than the escaped process waits before writing
+    return outside.exists(), r
+
+
+@pytest.mark.parametrize("escape", sorted(ESCAPES))
+def test_escape_works_without_the_sandbox(escape, tmp_path):
+    """The control: with no layer at all, every escape below does get out."""
+    got_out, r = escaped(tmp_path, escape, ())
+    assert got_out, (r.stdout, r.stderr)
+
+
+@pytest.mark.parametrize("layer", ["all", "kernel", "python", "seccomp"])
+@pytest.mark.parametrize("escape", sorted(ESCAPES))
+def test_no_process_escapes_the_sandbox(escape, layer, tmp_path, kernel_features):
+    if layer in NEEDS and NEEDS[layer] not in kernel_features or layer == "kernel" and "seccomp" not in kernel_features:
+        pytest.skip(f"no seccomp here (applied: {sorted(kernel_features)})")
+    got_out, r = escaped(tmp_path, escape, LAYERS[layer])
+    assert not got_out, f"{escape} got out under {layer}: {r.stdout} {r.stderr[-500:]}"
+
+
+SECRETS = {
+    "file outside": lambda tmp_path: (tmp_path / "netrc", "machine example.com password hunter2"),
+    "parent environment": lambda tmp_path: (Path(f"/proc/{os.getpid()}/environ"), "PATH="),
+}
+
+
+@pytest.mark.parametrize("layer", [None, "all", "kernel", "python", "landlock"])
+@pytest.mark.parametrize("secret", sorted(SECRETS))
+def test_the_parents_secrets_cannot_be_read(secret, layer, tmp_path, kernel_features):
+    """Credentials beside the run (a ~/.netrc) and the parent's environment (/proc/<ppid>/environ)."""
+    path, content = SECRETS[secret](tmp_path)
+    if not path.exists():
+        path.write_text(content)
+    code = f"print(open({str(path)!r}, 'rb').read().decode(errors='replace'))\n"
+    if layer is None:  # the control
+        r = _execute(code, 10, None, layers=())
+        assert r.success and content in r.stdout, r.stderr
+        return
+    r = run_layer(layer, code, kernel_features, needs="landlock-fs")
+    assert not r.success and content not in r.stdout
+    assert r.error.startswith("PermissionError"), r.error
+
+
+def test_name_resolution_is_denied(kernel_features):
+    code = "import socket\nprint(socket.getaddrinfo('localhost', 80))\n"
+    assert _execute(code, 10, None, layers=()).success  # the control: /etc/hosts answers
+    for layer in ("all", "python"):
+        r = run_layer(layer, code, kernel_features)
+        assert not r.success and "getaddrinfo" in r.error, r.error
+    r = run_layer("kernel", code, kernel_features, needs="landlock-fs")  # /etc/hosts is not readable either
+    assert not r.success and "AF_INET" not in r.stdout
+
+
+def test_udp_to_the_host_is_blocked(kernel_features):
+    """A DNS query is a UDP datagram: none may leave the sandbox, to 127.0.0.1 or anywhere."""
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", 0))
+    receiver.setblocking(False)
+    port = receiver.getsockname()[1]
+    code = (f"import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            f"s.sendto(b'leak', ('127.0.0.1', {port}))\nprint('sent')\n")
+    try:
+        assert _execute(code, 10, None, layers=()).stdout == "sent\n"  # the control
+        assert receiver.recv(16) == b"leak"
+        for layer in ("all", "kernel", "python", "netns", "seccomp"):
+            if layer == "kernel" and not {"netns", "seccomp"} & kernel_features:
+                continue
+            r = run_layer(layer, code, kernel_features)
+            assert "sent" not in r.stdout or layer == "netns", (layer, r.stdout)
+        with pytest.raises(BlockingIOError):
+            receiver.recv(16)  # nothing arrived
+    finally:
+        receiver.close()
+
+
+def test_kernel_layers_report_what_they_applied(kernel_features):
+    """On this machine's kind (Linux with Landlock and libseccomp) every kernel layer applies."""
+    assert {"rlimit-fsize", "rlimit-nproc"} <= kernel_features
+    assert "python-guards" not in kernel_features
 
 
 # ------------------------------------------------------------------------------ spec behaviour
