@@ -19,12 +19,14 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from model.chat_data import CHAT_EVAL_TASKS
 from model.sft_data import SFT_SOURCES
 from model.sizing import PlanError, TrainingPlan, plan_training
 from tasks.download import DEFAULT_SOURCE, DEFAULT_VAL_SHARD, list_source_shards
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "deployments" / "presets"
 DEFAULT_BUNDLE = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+STEP_TIME_BOUND_S = 60.0  # no pretraining step of any preset takes a minute (d26 on 8xH100: ~1 s; cpu: ~1 s)
 
 
 class ConfigError(ValueError):
@@ -36,7 +38,8 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+    # allow_inf_nan=False: `.inf`/`.nan` from YAML or --set would pass every bound (inf > 0) and ruin a run hours in
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 class DataConfig(Section):
@@ -245,6 +248,20 @@ class ChatEvalConfig(Section):
     batch_size: int = Field(8, ge=1)
     max_problems: int | None = Field(None, ge=1)
 
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, v: str) -> str:
+        if v.strip() == "all":
+            return "all"
+        names = [n.strip() for n in v.replace(",", "|").split("|") if n.strip()]
+        unknown = [n for n in names if n not in CHAT_EVAL_TASKS]
+        if unknown or not names:
+            close = {n: difflib.get_close_matches(n, CHAT_EVAL_TASKS, n=1) for n in unknown}
+            hints = "; ".join(f"{n!r}: did you mean {c[0]!r}?" for n, c in close.items() if c)
+            raise ValueError(f"unknown task(s) {unknown or v!r}{' (' + hints + ')' if hints else ''}; use 'all' or "
+                             f"names joined by '|' from {', '.join(CHAT_EVAL_TASKS)}")
+        return "|".join(dict.fromkeys(names))
+
 
 class ReportConfig(Section):
     regression: bool = Field(False, description="compare the summary with deployments/baselines and fail on regressions")
@@ -266,6 +283,10 @@ class RuntimeConfig(Section):
     rdzv_endpoint: str | None = Field(None, description="host:port for multi-node rendezvous")
     omp_num_threads: int | None = Field(None, ge=1, description="OMP_NUM_THREADS for torchrun workers; default 1 on GPU")
     wandb_mode: Literal["offline", "online", "disabled"] = Field("offline")
+    hang_timeout_s: float = Field(1200.0, gt=0, description="stop a torchrun stage that prints nothing for this "
+                                  "long (a NCCL hang); its ranks save a checkpoint if they can")
+    stage_timeout_s: float | None = Field(None, gt=0, description="time limit of each torchrun stage; None = 1 h "
+                                          "+ 60 s per planned pretraining step, at least 6 h")
     attention: Literal["auto", "fused", "fa3", "fa4", "flex", "sdpa"] = Field(
         "auto", description="attention backend: auto (best available), fused (FA3 or FA4, else fail before any "
                             "stage; record runs), or one by name (ops/attention.py)")
@@ -304,11 +325,42 @@ class SpeedrunConfig(Section):
             self.plan
         except PlanError as e:
             raise ValueError(str(e)) from None
+        problems = self._cross_field_problems()
+        if problems:
+            raise ValueError("; ".join(problems))
         vs = self.data.val_shard
         if vs is not None and self.data.num_train_shards > vs:
             raise ValueError(f"data.num_train_shards={self.data.num_train_shards} would overlap the validation shard "
                              f"data.val_shard={vs}; fix: use at most {vs} train shards")
         return self
+
+    def _cross_field_problems(self) -> list[str]:
+        """Checks that span options and would otherwise fail only when their stage runs, hours in."""
+        problems = []
+        p, plan = self.pretrain, self.plan
+        if p.warmup_steps > plan.num_iterations:
+            problems.append(f"pretrain.warmup_steps={p.warmup_steps} is longer than the whole run "
+                            f"({plan.num_iterations} steps), so the learning rate never reaches its peak; fix: "
+                            f"--set pretrain.warmup_steps=<at most {plan.num_iterations}>")
+        sft = self.sft  # None inherits from the base run (model/sft.py); the total batch from the plan
+        T = sft.max_seq_len or p.max_seq_len
+        B = sft.device_batch_size or p.device_batch_size
+        total = sft.total_batch_size or plan.total_batch_size
+        world_tokens = B * T * self.runtime.world_size
+        if total % world_tokens:
+            problems.append(f"sft.total_batch_size={total:,} is not a multiple of sft.device_batch_size x "
+                            f"sft.max_seq_len x world size = {B} x {T} x {self.runtime.world_size} = "
+                            f"{world_tokens:,}; fix: --set sft.total_batch_size="
+                            f"{max(1, round(total / world_tokens)) * world_tokens} (or change the per-step sizes)")
+        return problems
+
+    @property
+    def stage_time_limit_s(self) -> float:
+        """runtime.stage_timeout_s, else a generous bound from the plan: a backstop for what the no-output
+        watchdog (runtime.hang_timeout_s) cannot see, such as a run that prints but never progresses."""
+        if self.runtime.stage_timeout_s is not None:
+            return self.runtime.stage_timeout_s
+        return max(6 * 3600.0, 3600.0 + STEP_TIME_BOUND_S * self.plan.num_iterations)
 
     @cached_property
     def plan(self) -> TrainingPlan:

@@ -215,5 +215,5 @@ def test_environment_that_changes_the_bits_is_in_the_model_stage_keys(monkeypatc
     assert STAGES["pretrain"].key(pretrain_section(cfg), UP) != STAGES["pretrain"].key({**pretrain_section(cfg),
                                                                                         "environment": env}, UP)
     monkeypatch.delenv("SPEEDRUN_DTYPE")
-    two = load_config("smoke", {"runtime.nproc_per_node": 2})
+    two = load_config("smoke", {"runtime.nproc_per_node": 2, "sft.total_batch_size": 4096})
     assert base_eval_section(two)["environment"]["world_size"] == 2
