@@ -10,7 +10,9 @@ resume needs):
     complete_S            rank 0, written LAST after every rank has written: the marker
 
 A checkpoint without its marker is ignored (a run killed mid-save resumes from the previous one).
-Every file is written to a temp name and renamed, so a reader never sees half a file.
+Every file is written to a temp name, fsynced and renamed, and the directory is fsynced before the marker is
+written, so after a power loss a marked checkpoint is whole. Should one still fail to load (a disk error, a
+file damaged later), `load_resume_point` reports it, drops its marker and falls back to the previous one.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import os
 import re
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,10 +48,22 @@ def _atomic_torch_save(obj, path: Path) -> None:
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        tmp.write_text(text)
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make the renames inside `directory` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _barrier() -> None:
@@ -78,9 +93,11 @@ def save_checkpoint(directory: Path, step: int, *, rank: int, model_state: dict 
     if rank == 0:
         _atomic_torch_save(model_state, directory / f"model_{step:06d}.pt")
         atomic_write_text(directory / f"meta_{step:06d}.json", json.dumps(meta, indent=2))
+    fsync_dir(directory)  # this rank's renames are on disk
     _barrier()  # the marker may only appear once every rank's files are in place
     if rank == 0:
         atomic_write_text(directory / MARKER.format(step=step), "")
+        fsync_dir(directory)
     _barrier()
 
 
@@ -113,6 +130,66 @@ def load_rank_state(directory: Path, step: int, rank: int, device) -> tuple[dict
     optim = torch.load(directory / f"optim_{step:06d}_rank{rank}.pt", map_location=device, weights_only=True)
     loader = torch.load(directory / f"loader_{step:06d}_rank{rank}.pt", map_location="cpu", weights_only=True)
     return optim, loader
+
+
+@dataclass
+class ResumePoint:
+    """Everything one rank needs to continue from a complete checkpoint."""
+
+    step: int
+    meta: dict
+    model_state: dict
+    optimizer_state: dict
+    rank_state: dict  # loader state, prefetched batch, RNG states
+
+
+def load_resume_point(directory: Path, rank: int, world: int, device, say=print) -> ResumePoint | None:
+    """The newest complete checkpoint that every rank can load, or None. A checkpoint that fails to load on any
+    rank (a truncated or damaged file) is reported, its marker removed, and the previous one tried; one written
+    by another number of ranks is an error (optimizer state is sharded per rank)."""
+    for step in reversed(complete_steps(directory)):
+        meta = read_meta_or_none(directory, step)
+        if meta is not None and meta.get("world_size") != world:
+            raise SystemExit(f"checkpoint {step} was written by {meta.get('world_size')} ranks, this run has {world}: "
+                             "optimizer state is sharded per rank; resume with the same --nproc_per_node")
+        problem = None
+        try:
+            if meta is None:
+                raise ValueError(f"meta_{step:06d}.json is missing or unreadable")
+            model_state = load_model_state(directory, step, device)
+            optimizer_state, rank_state = load_rank_state(directory, step, rank, device)
+        except Exception as exc:  # any failure to load means: not usable, try the previous one
+            problem = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        ok = torch.tensor(int(problem is None))
+        if dist.is_available() and dist.is_initialized():
+            ok = ok.to(device)
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if bool(ok.item()):
+            return ResumePoint(step, meta, model_state, optimizer_state, rank_state)
+        if problem:
+            print(f"rank {rank}: checkpoint {step} in {directory} cannot be loaded ({problem})", flush=True)
+        say(f"checkpoint {step} is damaged; falling back to the previous complete checkpoint")
+        _barrier()
+        if rank == 0:
+            (directory / MARKER.format(step=step)).unlink(missing_ok=True)
+    return None
+
+
+def load_step(directory: Path, step: int, rank: int, world: int, device) -> ResumePoint:
+    """The checkpoint at `step` exactly (--resume-from-step): an error if it cannot be loaded."""
+    meta = read_meta(directory, step)
+    if meta["world_size"] != world:
+        raise SystemExit(f"checkpoint {step} was written by {meta['world_size']} ranks, this run has {world}: "
+                         "optimizer state is sharded per rank; resume with the same --nproc_per_node")
+    optimizer_state, rank_state = load_rank_state(directory, step, rank, device)
+    return ResumePoint(step, meta, load_model_state(directory, step, device), optimizer_state, rank_state)
+
+
+def read_meta_or_none(directory: Path, step: int) -> dict | None:
+    try:
+        return read_meta(directory, step)
+    except (OSError, ValueError):
+        return None
 
 
 def prune_checkpoints(directory: Path, keep_steps: set[int]) -> None:

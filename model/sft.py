@@ -30,6 +30,7 @@ import gc
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -46,6 +47,7 @@ from model.gpt import GPT, GPTConfig  # noqa: E402
 from model.loss_eval import evaluate_bpb  # noqa: E402
 from model.sft_loader import SFTLoader  # noqa: E402
 from model.tokenizer import Tokenizer, load_token_bytes  # noqa: E402
+from model.run_control import CANCELLED_EXIT_CODE, StopSignal, check_finite, die_with_parent, hold_run_dir  # noqa: E402
 from model.run_log import TIMING_WARMUP_STEPS, MetricsLog, start_wandb  # noqa: E402
 
 # None on the command line = inherit from the base checkpoint; these are the fallbacks when it lacks the key.
@@ -264,6 +266,9 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir = Path(args.out_dir)
     ckpt_dir = out_dir / "checkpoints"
     out_dir.mkdir(parents=True, exist_ok=True)
+    stop = StopSignal()  # SIGTERM: finish the step, save, exit CANCELLED_EXIT_CODE
+    die_with_parent()  # a killed torchrun agent sends its ranks SIGTERM
+    run_dir_lock = hold_run_dir(out_dir, rank)  # noqa: F841 (held until exit): one trainer per directory
     peak_flops = get_peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else float("inf")
 
     # --- the base checkpoint and what it hands down
@@ -298,18 +303,15 @@ def main(argv: list[str] | None = None) -> dict:
     say(f"conversations: {len(train_ds):,} train, {len(val_ds):,} val")
 
     # --- model: the SFT run's own last complete checkpoint, else the base weights
-    resume_step = ckpt.last_complete_step(ckpt_dir) if args.resume == "auto" else None
-    meta = None
+    resume = ckpt.load_resume_point(ckpt_dir, rank, world, device, say) if args.resume == "auto" else None
+    resume_step = resume.step if resume else None
+    meta = resume.meta if resume else None
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=device)
     model.init_weights()  # materialises the rotary buffers, which checkpoints do not hold
-    if resume_step is not None:
-        meta = ckpt.read_meta(ckpt_dir, resume_step)
-        if meta["world_size"] != world:
-            raise SystemExit(f"checkpoint {resume_step} was written by {meta['world_size']} ranks, this run has {world}: "
-                             "optimizer state is sharded per rank; resume with the same --nproc_per_node")
-        model.load_state_dict(ckpt.load_model_state(ckpt_dir, resume_step, device), strict=True, assign=True)
+    if resume is not None:
+        model.load_state_dict(resume.model_state, strict=True, assign=True)
         say(f"resuming from step {resume_step} ({ckpt_dir})")
     else:
         model.load_state_dict(ckpt.load_model_state(base_dir, base_step, device), strict=True, assign=True)
@@ -331,11 +333,11 @@ def main(argv: list[str] | None = None) -> dict:
                                            matrix_lr=hp["matrix_lr"], weight_decay=0.0, compile=use_compile)
     warm_started = (meta or {}).get("optimizer_warm_start", False)
     loader_state, first_batch = None, None
-    if resume_step is not None:
-        optim_state, rank_state = ckpt.load_rank_state(ckpt_dir, resume_step, rank, device)
-        optimizer.load_state_dict(optim_state)  # its LRs are already the scaled SFT ones
-        loader_state, first_batch = rank_state["loader"], rank_state["batch"]
-        ckpt.set_rng_state(rank_state["rng"])
+    if resume is not None:
+        optimizer.load_state_dict(resume.optimizer_state)  # its LRs are already the scaled SFT ones
+        loader_state, first_batch = resume.rank_state["loader"], resume.rank_state["batch"]
+        ckpt.set_rng_state(resume.rank_state["rng"])
+        resume = None  # the states now live in the model, optimizer and loader
     else:
         if args.load_optimizer:
             warm_started = warm_start_optimizer(optimizer, base_dir, base_step, base_meta.get("world_size"),
@@ -370,13 +372,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     while True:
         last_step = train_loader.exhausted or (num_iterations > 0 and step >= num_iterations)
-        if distributed:  # every rank stops at the same step
-            flag = torch.tensor(int(last_step), device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            last_step = bool(flag.item())
+        cancel, last_step = stop.agreed(device, also=last_step)  # every rank stops at the same step
+        cancel = cancel and not last_step
         flops_so_far = flops_per_token * total_batch_size * step
 
-        if args.eval_every > 0 and (last_step or step % args.eval_every == 0):
+        if not cancel and args.eval_every > 0 and (last_step or step % args.eval_every == 0):
             model.eval()
             val_bpb = evaluate_bpb(model, fresh_val_batches(), eval_steps, token_bytes)
             model.train()
@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> dict:
             metrics.log({"step": step, "total_training_flops": flops_so_far,
                          "total_training_time": total_training_time, "val/bpb": val_bpb})
 
-        if args.chatcore_every > 0 and (last_step or (step > 0 and step % args.chatcore_every == 0)):
+        if not cancel and args.chatcore_every > 0 and (last_step or (step > 0 and step % args.chatcore_every == 0)):
             from model.chat_data import chatcore
 
             orig_model.eval()
@@ -398,7 +398,8 @@ def main(argv: list[str] | None = None) -> dict:
             metrics.log({"step": step, "total_training_flops": flops_so_far, "chatcore_metric": chat["chatcore"],
                          "chatcore_cat": chat["chatcore_cat"], **{f"chatcore/{k}": v for k, v in accuracy.items()}})
 
-        if last_step or (step > 0 and step != resume_step and args.save_every > 0 and step % args.save_every == 0):
+        periodic = step > 0 and step != resume_step and args.save_every > 0 and step % args.save_every == 0
+        if last_step or periodic or (cancel and step != first_step_of_run):
             ckpt.save_checkpoint(
                 ckpt_dir, step, rank=rank,
                 model_state=orig_model.state_dict() if master else None,
@@ -414,6 +415,15 @@ def main(argv: list[str] | None = None) -> dict:
                 loader_state={"loader": train_loader.state_dict(), "batch": (x.cpu(), y.cpu()), "rng": ckpt.rng_state()})
             if master and args.keep_checkpoints > 0:
                 ckpt.prune_checkpoints(ckpt_dir, set(ckpt.complete_steps(ckpt_dir)[-args.keep_checkpoints:]))
+        if cancel:
+            saved = ckpt.last_complete_step(ckpt_dir)
+            say(f"stopped by signal {stop.received or 'on another rank'} at step {step}: " +
+                (f"checkpoint {saved} is complete; --resume auto continues from it" if saved is not None
+                 else "nothing trained yet, nothing saved"))
+            if wandb_run is not None:
+                wandb_run.finish(exit_code=CANCELLED_EXIT_CODE)
+            compute_cleanup()
+            sys.exit(CANCELLED_EXIT_CODE)
         if last_step:
             break
 
@@ -437,6 +447,8 @@ def main(argv: list[str] | None = None) -> dict:
         optimizer.step()
         model.zero_grad(set_to_none=True)
         train_loss_f = train_loss.item()
+        check_finite(train_loss_f, step, {"matrix_lr": hp["matrix_lr"], "embedding_lr": hp["embedding_lr"],
+                                          "unembedding_lr": hp["unembedding_lr"], "init_lr_frac": args.init_lr_frac})
         synchronize(device)
         dt = time.time() - t0
 
@@ -494,6 +506,7 @@ def main(argv: list[str] | None = None) -> dict:
             wandb_run.summary.update({k: v for k, v in summary.items() if v is not None and not isinstance(v, dict)})
             wandb_run.finish()
     compute_cleanup()
+    stop.restore()
     return summary
 
 

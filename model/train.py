@@ -8,7 +8,9 @@ Writes to --out-dir: checkpoints/ (every --save-every steps and the last step, e
 metrics.jsonl (one object per logged step or eval, rank 0), summary.json (the leaderboard keys). A run
 restarted with --resume auto continues from the last complete checkpoint: model, optimizer, loader
 position, RNG, step and accumulated total_training_time; on CPU it ends bitwise where an uninterrupted
-run ends. Prefect never appears here: a researcher runs this alone.
+run ends. SIGTERM (Ctrl-C in torchrun, a cancel) finishes the step in flight, saves a checkpoint and exits
+75; a non-finite loss stops the run with an error (model/run_control.py). Prefect never appears here: a
+researcher runs this alone.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import gc
 import json
 import math
 import os
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -36,6 +39,7 @@ from model.gpt import GPT, GPTConfig  # noqa: E402
 from model.loss_eval import evaluate_bpb  # noqa: E402
 from model.optim import get_lr_multiplier, get_muon_momentum, get_weight_decay  # noqa: E402
 from model.sizing import plan_training  # noqa: E402
+from model.run_control import CANCELLED_EXIT_CODE, StopSignal, check_finite, die_with_parent, hold_run_dir  # noqa: E402
 from model.run_log import TIMING_WARMUP_STEPS, MetricsLog, start_wandb  # noqa: E402
 from model.tokenizer import Tokenizer, load_token_bytes  # noqa: E402
 
@@ -104,6 +108,9 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir = Path(args.out_dir)
     ckpt_dir = out_dir / "checkpoints"
     out_dir.mkdir(parents=True, exist_ok=True)
+    stop = StopSignal()  # SIGTERM: finish the step, save, exit CANCELLED_EXIT_CODE
+    die_with_parent()  # a killed torchrun agent sends its ranks SIGTERM
+    run_dir_lock = hold_run_dir(out_dir, rank)  # noqa: F841 (held until exit): one trainer per directory
     peak_flops = get_peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else float("inf")
 
     tokenizer = Tokenizer.load(args.tokenizer_dir)
@@ -127,19 +134,16 @@ def main(argv: list[str] | None = None) -> dict:
     model.to_empty(device=device)
     model.init_weights()
 
-    # --- resume: which checkpoint, if any
-    resume_step = None
+    # --- resume: which checkpoint, if any (a damaged newest one falls back to the one before)
+    resume = None
     if args.resume_from_step >= 0:
-        resume_step = args.resume_from_step
+        resume = ckpt.load_step(ckpt_dir, args.resume_from_step, rank, world, device)
     elif args.resume == "auto":
-        resume_step = ckpt.last_complete_step(ckpt_dir)
-    meta = None
-    if resume_step is not None:
-        meta = ckpt.read_meta(ckpt_dir, resume_step)
-        if meta["world_size"] != world:
-            raise SystemExit(f"checkpoint {resume_step} was written by {meta['world_size']} ranks, this run has {world}: "
-                             "optimizer state is sharded per rank; resume with the same --nproc_per_node")
-        model.load_state_dict(ckpt.load_model_state(ckpt_dir, resume_step, device), strict=True, assign=True)
+        resume = ckpt.load_resume_point(ckpt_dir, rank, world, device, say)
+    resume_step = resume.step if resume else None
+    meta = resume.meta if resume else None
+    if resume is not None:
+        model.load_state_dict(resume.model_state, strict=True, assign=True)
         say(f"resuming from step {resume_step} ({ckpt_dir})")
 
     if args.fp8_recipe != "tensorwise":
@@ -180,11 +184,11 @@ def main(argv: list[str] | None = None) -> dict:
     if grad_accum_steps * world % num_streams:
         raise SystemExit(f"--data-streams={num_streams} must divide the micro-batches per step ({grad_accum_steps * world})")
     loader_state, first_batch = None, None
-    if resume_step is not None:
-        optim_state, rank_state = ckpt.load_rank_state(ckpt_dir, resume_step, rank, device)
-        optimizer.load_state_dict(optim_state)
-        loader_state, first_batch = rank_state["loader"], rank_state["batch"]
-        ckpt.set_rng_state(rank_state["rng"])
+    if resume is not None:
+        optimizer.load_state_dict(resume.optimizer_state)
+        loader_state, first_batch = resume.rank_state["loader"], resume.rank_state["batch"]
+        ckpt.set_rng_state(resume.rank_state["rng"])
+        resume = None  # the states now live in the model, optimizer and loader
     train_loader = BestFitLoader(tokenizer, train_paths, args.device_batch_size, args.max_seq_len,
                                  streams=list(range(rank, num_streams, world)), num_streams=num_streams,
                                  device=device, state=loader_state)
@@ -221,9 +225,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     while True:
         last_step = step == num_iterations
+        cancel = not last_step and stop.agreed(device)[0]  # every rank stops at the same step
         flops_so_far = flops_per_token * total_batch_size * step
 
-        if args.eval_every > 0 and (last_step or step % args.eval_every == 0):
+        if not cancel and args.eval_every > 0 and (last_step or step % args.eval_every == 0):
             model.eval()
             with disable_fp8(orig_model):
                 val_bpb = evaluate_bpb(model, fresh_val_batches(), eval_steps, token_bytes)
@@ -233,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
             metrics.log({"step": step, "total_training_flops": flops_so_far,
                          "total_training_time": total_training_time, "val/bpb": val_bpb})
 
-        if bundle is not None and (last_step or (step > 0 and step % args.core_metric_every == 0)):
+        if not cancel and bundle is not None and (last_step or (step > 0 and step % args.core_metric_every == 0)):
             with disable_fp8(orig_model):  # CORE runs on the uncompiled model, in bf16 (spec/05 §4)
                 core = evaluate_core(orig_model, tokenizer, bundle, max_per_task=args.core_metric_max_per_task,
                                      device=device, rank=rank, world_size=world, log=say)
@@ -243,7 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
             metrics.log({"step": step, "total_training_flops": flops_so_far, "core_metric": core_metric,
                          "centered_results": core["centered_results"]})
 
-        if args.sample_every > 0 and master and (last_step or (step > 0 and step % args.sample_every == 0)):
+        if not cancel and args.sample_every > 0 and master and (last_step or (step > 0 and step % args.sample_every == 0)):
             from model.engine import SAMPLE_PROMPTS, Engine  # samples only go to the log: not in the stage key
 
             orig_model.eval()
@@ -254,7 +259,8 @@ def main(argv: list[str] | None = None) -> dict:
                     say(f"sample | {prompt}{tokenizer.decode(tokens)}")
             orig_model.train()
 
-        if last_step or (step > 0 and step != resume_step and args.save_every > 0 and step % args.save_every == 0):
+        periodic = step > 0 and step != resume_step and args.save_every > 0 and step % args.save_every == 0
+        if last_step or periodic or (cancel and step != first_step_of_run):
             ckpt.save_checkpoint(
                 ckpt_dir, step, rank=rank,
                 model_state=orig_model.state_dict() if master else None,
@@ -268,6 +274,15 @@ def main(argv: list[str] | None = None) -> dict:
                 loader_state={"loader": train_loader.state_dict(), "batch": (x.cpu(), y.cpu()), "rng": ckpt.rng_state()})
             if master and args.keep_checkpoints > 0:
                 ckpt.prune_checkpoints(ckpt_dir, set(ckpt.complete_steps(ckpt_dir)[-args.keep_checkpoints:]))
+        if cancel:
+            saved = ckpt.last_complete_step(ckpt_dir)
+            say(f"stopped by signal {stop.received or 'on another rank'} at step {step}: " +
+                (f"checkpoint {saved} is complete; --resume auto continues from it" if saved is not None
+                 else "nothing trained yet, nothing saved"))
+            if wandb_run is not None:
+                wandb_run.finish(exit_code=CANCELLED_EXIT_CODE)
+            compute_cleanup()
+            sys.exit(CANCELLED_EXIT_CODE)
         if last_step:
             break
 
@@ -287,6 +302,9 @@ def main(argv: list[str] | None = None) -> dict:
         optimizer.step()
         model.zero_grad(set_to_none=True)
         train_loss_f = train_loss.item()
+        check_finite(train_loss_f, step, {"matrix_lr": args.matrix_lr, "embedding_lr": args.embedding_lr,
+                                          "unembedding_lr": args.unembedding_lr, "scalar_lr": args.scalar_lr,
+                                          "warmup_steps": args.warmup_steps, "depth": args.depth})
         synchronize(device)
         dt = time.time() - t0
 
@@ -342,6 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
             wandb_run.summary.update({k: v for k, v in summary.items() if v is not None})
             wandb_run.finish()
     compute_cleanup()
+    stop.restore()
     return summary
 
 

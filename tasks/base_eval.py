@@ -32,7 +32,7 @@ def base_eval_section(cfg: SpeedrunConfig) -> dict:
 
 
 def base_eval_options(cfg: SpeedrunConfig) -> dict:
-    return torchrun_options(cfg.runtime)
+    return torchrun_options(cfg)
 
 
 @stage_task(BASE_EVAL)

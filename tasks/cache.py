@@ -24,7 +24,7 @@ from prefect.cache_policies import CachePolicy
 from prefect.logging import get_run_logger
 
 from tasks.stages import Stage
-from tasks.store import MANIFEST, WORK, Store, artifact_record, check_artifact, write_manifest
+from tasks.store import MANIFEST, WORK, Store, artifact_record, atomic_write_json, build_manifest, check_artifact
 
 
 @dataclass
@@ -69,6 +69,7 @@ class StageOutput:
     metrics: dict = field(default_factory=dict)
     refs: dict[str, Path] = field(default_factory=dict)
     environment: dict = field(default_factory=dict)
+    after_commit: Callable[[Path], None] | None = None  # run with the artifact's final path once it is committed
 
 
 def rebuild_dir(art: Path) -> Path:
@@ -94,6 +95,13 @@ def _finish_swap(art: Path, store_root: Path) -> None:
         built.rename(art)
 
 
+def _run_description() -> str:
+    """'flow run <name> (<id>), task <name>' for whoever waits on this run's lock."""
+    from prefect.runtime import flow_run, task_run
+
+    return f"flow run {flow_run.name} ({flow_run.id}), task {task_run.name}"
+
+
 def run_stage(stage: Stage, section: dict, upstream: dict, store_root: str, rebuild: str | None,
               build: Callable[[Path, Path], StageOutput]) -> dict:
     """Build the stage's artifact (or reuse a valid one) and return its record.
@@ -110,7 +118,7 @@ def run_stage(stage: Stage, section: dict, upstream: dict, store_root: str, rebu
     store = Store(store_root)
     key = stage.key(section, upstream)
     art = store.stage_dir(stage.name, key)
-    with store.lock(stage.name, key):
+    with store.lock(stage.name, key, owner=_run_description(), log=logger.info) as lock:
         _finish_swap(art, store.root)
         problem = check_artifact(art, store.root)
         pending = rebuild_dir(art)
@@ -135,9 +143,14 @@ def run_stage(stage: Stage, section: dict, upstream: dict, store_root: str, rebu
         work.mkdir(parents=True, exist_ok=True)
         started = time.time()
         out = build(target, work)
-        write_manifest(target, stage=stage.name, key=key, metrics=out.metrics, refs=out.refs,
-                       store_root=store.root, started_at=started, extra=out.environment, volatile=stage.volatile)
-        if target != art:
-            _swap_in(art, target)
+        manifest = build_manifest(target, stage=stage.name, key=key, metrics=out.metrics, refs=out.refs,
+                                  store_root=store.root, started_at=started, extra=out.environment,
+                                  volatile=stage.volatile)
+        with lock.fenced():  # raises LeaseLost if this run stalled past its lease and another took over
+            atomic_write_json(target / MANIFEST, manifest)
+            if target != art:
+                _swap_in(art, target)
+        if out.after_commit is not None:
+            out.after_commit(art)
         logger.info(f"{stage.name}: artifact {art} ({time.time() - started:.1f}s)")
         return artifact_record(art, store.root)

@@ -32,7 +32,7 @@ def chat_eval_section(cfg: SpeedrunConfig) -> dict:
 
 
 def chat_eval_options(cfg: SpeedrunConfig) -> dict:
-    return {"torchrun": torchrun_options(cfg.runtime), "data_dir": cfg.chat_eval.data_dir}
+    return {"torchrun": torchrun_options(cfg), "data_dir": cfg.chat_eval.data_dir}
 
 
 @stage_task(CHAT_EVAL)

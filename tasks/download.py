@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -178,17 +179,33 @@ def _stream_to_file(
     """Copy ``url`` into ``dest`` in chunks, fsync it; return (size, sha256)."""
     digest = hashlib.sha256()
     size = 0
-    with _open_source(url, timeout_s) as source, open(dest, "wb") as out:
-        while chunk := source.read(CHUNK_BYTES):
-            if cancelled.is_set():
-                raise _Cancelled()
-            out.write(chunk)
-            digest.update(chunk)
-            size += len(chunk)
-        out.flush()
-        # The rename below must never publish a file whose bytes are still only in cache.
-        os.fsync(out.fileno())
+    # HTTP reads are bounded by aiohttp's timeouts; any other filesystem (a hung NFS mount, s3, gcs) gets its
+    # reads done on a helper thread and a stall of `timeout_s` fails the attempt (the thread is abandoned).
+    guard = None if get_protocol(url) in _HTTP_PROTOCOLS else ThreadPoolExecutor(1, thread_name_prefix="shard-read")
+    try:
+        with _open_source(url, timeout_s) as source, open(dest, "wb") as out:
+            while chunk := _read_chunk(source, guard, timeout_s):
+                if cancelled.is_set():
+                    raise _Cancelled()
+                out.write(chunk)
+                digest.update(chunk)
+                size += len(chunk)
+            out.flush()
+            # The rename below must never publish a file whose bytes are still only in cache.
+            os.fsync(out.fileno())
+    finally:
+        if guard is not None:
+            guard.shutdown(wait=False, cancel_futures=True)
     return size, digest.hexdigest()
+
+
+def _read_chunk(source: IO[bytes], guard: ThreadPoolExecutor | None, timeout_s: float) -> bytes:
+    if guard is None:
+        return source.read(CHUNK_BYTES)
+    try:
+        return guard.submit(source.read, CHUNK_BYTES).result(timeout=timeout_s)
+    except FutureTimeout:
+        raise TimeoutError(f"no data for {timeout_s:g} s") from None
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -3,8 +3,14 @@
 `python -m torch.distributed.run --standalone --nproc_per_node=N -m model.train ...` (multi-node:
 --nnodes/--node-rank/--rdzv-endpoint) starts in its own process group with OMP_NUM_THREADS set. Every
 output line goes to the Prefect run logger and to a log file. A non-zero exit raises with the last lines
-of the log; cancellation, a timeout or any exception in the task kills the whole process group (torchrun
-and its workers), first with SIGTERM, then SIGKILL.
+of the log.
+
+No trainer outlives its stage. Cancellation, a timeout or any exception in the task sends torchrun SIGTERM,
+which it passes to every rank; the ranks finish their step, save a checkpoint and exit (model/run_control.py),
+and whatever is left after TERM_GRACE_S is killed. If the process running the task dies without a chance to
+do that (SIGKILL, the OOM killer), Linux sends torchrun SIGTERM on its behalf (PR_SET_PDEATHSIG, set by a
+one-line prelude that then execs torchrun) and each rank gets SIGTERM when torchrun dies, so the same happens.
+A run that stopped on request raises TorchrunCancelled: a retry resumes from the checkpoint it saved.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -21,11 +28,28 @@ from tasks.config import ConfigError
 from tasks.store import PROJECT_ROOT
 
 TAIL_LINES = 40
-TERM_GRACE_S = 15.0
+# How long SIGTERMed ranks get to finish their step and save before SIGKILL. torchrun itself gives its ranks
+# 30 s after it is told to stop; a checkpoint that takes longer falls back to the previous one on resume.
+TERM_GRACE_S = 60.0
+# What model/run_control.py prints when a rank stops on SIGTERM after saving (tasks/ does not import torch).
+STOPPED_LINE = "stopped by signal"
+# Sets PR_SET_PDEATHSIG (1) to SIGTERM, checks the parent did not die meanwhile, then execs the command in argv.
+# A preexec_fn would do the same but is unsafe in a threaded process (Prefect runs tasks in threads).
+_DIE_WITH_PARENT = ("import ctypes, os, signal, sys; ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0); "
+                    "os.getppid() == int(sys.argv[1]) or sys.exit(70); os.execv(sys.argv[2], sys.argv[2:])")
 
 
 class TorchrunError(RuntimeError):
     """torchrun exited non-zero; the message carries the last lines of its log."""
+
+
+class TorchrunCancelled(TorchrunError):
+    """The ranks stopped on SIGTERM after saving a checkpoint; a retry resumes from it."""
+
+
+class TorchrunHung(TorchrunError):
+    """torchrun printed nothing for `hang_timeout_s` (a NCCL hang, a stuck filesystem) or ran past the stage's
+    time limit; it was stopped (the ranks save a checkpoint if they can)."""
 
 
 def torchrun_command(module: str, args: list[str], *, nproc_per_node: int, nnodes: int = 1, node_rank: int = 0,
@@ -56,40 +80,84 @@ def attention_backend(runtime, device_type: str = "") -> str:
         raise ConfigError([str(exc)]) from None
 
 
-def torchrun_options(runtime) -> dict:
-    """How a stage's torchrun is laid out, from the config's `runtime` section (the run_torchrun keywords)."""
+def torchrun_options(cfg) -> dict:
+    """How a stage's torchrun is laid out and watched, from the config's `runtime` section (run_torchrun's
+    keywords)."""
+    runtime = cfg.runtime
     return {"nproc_per_node": runtime.nproc_per_node, "nnodes": runtime.nnodes, "node_rank": runtime.node_rank,
-            "rdzv_endpoint": runtime.rdzv_endpoint, "omp_num_threads": runtime.omp_num_threads}
+            "rdzv_endpoint": runtime.rdzv_endpoint, "omp_num_threads": runtime.omp_num_threads,
+            "hang_timeout_s": runtime.hang_timeout_s, "time_limit_s": cfg.stage_time_limit_s}
 
 
 def run_torchrun(module: str, args: list[str], *, log_path: Path, log=print, nproc_per_node: int = 1,
                  nnodes: int = 1, node_rank: int = 0, rdzv_endpoint: str | None = None,
-                 omp_num_threads: int | None = None, env: dict | None = None) -> None:
+                 omp_num_threads: int | None = None, env: dict | None = None, hang_timeout_s: float | None = None,
+                 time_limit_s: float | None = None) -> None:
+    """Run `module` under torchrun; raise TorchrunError (or TorchrunCancelled / TorchrunHung) if it fails.
+
+    `hang_timeout_s`: stop it when it prints nothing for that long; `time_limit_s`: when it runs longer."""
     cmd = torchrun_command(module, args, nproc_per_node=nproc_per_node, nnodes=nnodes, node_rank=node_rank,
                            rdzv_endpoint=rdzv_endpoint)
     child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     # torchrun itself defaults OMP_NUM_THREADS to 1 for several workers; on a CPU box that starves them.
     child_env["OMP_NUM_THREADS"] = str(omp_num_threads or max(1, (os.cpu_count() or 1) // nproc_per_node))
     child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), child_env.get("PYTHONPATH")]))
+    # torchrun's grace for SIGTERMed ranks (torch >= 2.12 reads it; earlier versions give 30 s)
+    child_env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(int(TERM_GRACE_S) - 10))
     log_path.parent.mkdir(parents=True, exist_ok=True)
     tail: deque[str] = deque(maxlen=TAIL_LINES)
     log(f"$ {' '.join(cmd)}")
     with open(log_path, "a") as log_file:
         log_file.write(f"$ {' '.join(cmd)}\n")
+        if sys.platform.startswith("linux"):
+            cmd = [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *cmd]
         proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, bufsize=1, start_new_session=True)
-        try:
+
+        last_output = [time.monotonic()]
+
+        def forward_output() -> None:
+            # A thread of its own, so the ranks' output keeps draining while they save after a SIGTERM (a full
+            # pipe would block them mid-save).
             for line in proc.stdout:
+                last_output[0] = time.monotonic()
                 log_file.write(line)
                 log_file.flush()
                 tail.append(line)
                 log(line.rstrip("\n"))
-            returncode = proc.wait()
+
+        reader = threading.Thread(target=forward_output, name="torchrun-output", daemon=True)
+        reader.start()
+        started, hung = time.monotonic(), None
+        try:
+            while (returncode := _wait(proc, 1.0)) is None:
+                now = time.monotonic()
+                if hang_timeout_s is not None and now - last_output[0] > hang_timeout_s:
+                    hung = (f"printed nothing for {hang_timeout_s:g} s (runtime.hang_timeout_s); last line: "
+                            f"{tail[-1].rstrip() if tail else '(none)'}")
+                elif time_limit_s is not None and now - started > time_limit_s:
+                    hung = f"ran longer than its limit of {time_limit_s:g} s (runtime.stage_timeout_s)"
+                if hung:
+                    log(f"stopping {module}: it {hung}")
+                    break
         finally:
             kill_process_group(proc)  # also reaps workers a crashed torchrun agent left behind
+            reader.join(timeout=10)
+    if hung:
+        raise TorchrunHung(f"{module} {hung}; it was stopped. Last lines of {log_path}:\n" + "".join(tail))
     if returncode != 0:
         reason = f"killed by signal {-returncode}" if returncode < 0 else f"exit code {returncode}"
+        if any(STOPPED_LINE in line for line in tail):
+            raise TorchrunCancelled(f"{module} stopped on request ({reason}) after saving a checkpoint; a retry "
+                                    f"resumes from it. Last lines of {log_path}:\n" + "".join(tail))
         raise TorchrunError(f"{module} under torchrun failed ({reason}); last lines of {log_path}:\n" + "".join(tail))
+
+
+def _wait(proc: subprocess.Popen, seconds: float) -> int | None:
+    try:
+        return proc.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        return None
 
 
 def kill_process_group(proc: subprocess.Popen, grace_s: float = TERM_GRACE_S) -> None:

@@ -19,7 +19,7 @@ from tasks.environment import numerics_environment
 from tasks.eval_bundle import BUNDLE_DIR
 from tasks.launch import run_torchrun, torchrun_options
 from tasks.stages import STAGES, key_section, launch_section
-from tasks.training_artifact import collect_training_run
+from tasks.training_artifact import collect_training_run, release_final_checkpoint
 
 PRETRAIN = STAGES["pretrain"]
 
@@ -38,7 +38,7 @@ def pretrain_options(cfg: SpeedrunConfig) -> dict:
     """Not in the key: the launch layout, the logging, and the options the key rule leaves out (stages.py)."""
     excluded = launch_section(PRETRAIN, cfg.pretrain)
     excluded["run"] = cfg.pretrain.run if cfg.pretrain.run != "dummy" else f"{cfg.preset}-pretrain"
-    return {"torchrun": torchrun_options(cfg.runtime), "wandb_mode": cfg.runtime.wandb_mode, "excluded": excluded}
+    return {"torchrun": torchrun_options(cfg), "wandb_mode": cfg.runtime.wandb_mode, "excluded": excluded}
 
 
 def train_arguments(section: dict, excluded: dict | None = None) -> list[str]:
@@ -76,8 +76,8 @@ def pretrain_stage(section: dict, upstream: dict, store: str, options: dict, reb
                 args.append("--allow-missing-tasks")
         run_torchrun("model.train", args, log_path=work / "log.txt", log=logger.info, **options["torchrun"])
         summary = collect_training_run(run_dir, work, art)
-        return StageOutput(metrics=summary, environment={"world_size": summary["world_size"],
-                                                         "attention_backend": summary.get("attention_backend"),
-                                                         "device": summary["device"]})
+        environment = {"world_size": summary["world_size"], "attention_backend": summary.get("attention_backend"),
+                       "device": summary["device"]}
+        return StageOutput(metrics=summary, environment=environment, after_commit=release_final_checkpoint)
 
     return run_stage(PRETRAIN, section, upstream, store, rebuild, build)

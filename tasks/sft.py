@@ -24,7 +24,7 @@ from tasks.environment import numerics_environment
 from tasks.launch import run_torchrun, torchrun_options
 from tasks.stages import STAGES, key_section
 from tasks.store import content_digest
-from tasks.training_artifact import collect_training_run
+from tasks.training_artifact import collect_training_run, release_final_checkpoint
 
 SFT = STAGES["sft"]
 TOKENIZER_FILES = (RANKS_FILE, TOKEN_BYTES_FILE, META_FILE)
@@ -45,7 +45,7 @@ def sft_section(cfg: SpeedrunConfig) -> dict:
 
 
 def sft_options(cfg: SpeedrunConfig) -> dict:
-    return {"torchrun": torchrun_options(cfg.runtime), "wandb_mode": cfg.runtime.wandb_mode,
+    return {"torchrun": torchrun_options(cfg), "wandb_mode": cfg.runtime.wandb_mode,
             "run": f"{cfg.preset}-sft", "data": list(cfg.sft.data or []),
             "sources": dict(cfg.sft.sources), "save_every": cfg.sft.save_every,
             "chat_eval_dir": cfg.chat_eval.data_dir}
@@ -91,8 +91,8 @@ def sft_stage(section: dict, upstream: dict, store: str, options: dict, rebuild:
         tokenizer.mkdir(exist_ok=True)
         for name in TOKENIZER_FILES:
             shutil.copy2(Path(upstream["tokenizer"]["path"]) / name, tokenizer / name)
-        return StageOutput(metrics=summary, environment={"world_size": summary.get("world_size"),
-                                                         "attention_backend": summary.get("attention_backend"),
-                                                         "device": summary.get("device")})
+        environment = {"world_size": summary.get("world_size"), "attention_backend": summary.get("attention_backend"),
+                       "device": summary.get("device")}
+        return StageOutput(metrics=summary, environment=environment, after_commit=release_final_checkpoint)
 
     return run_stage(SFT, section, upstream, store, rebuild, build)

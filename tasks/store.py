@@ -102,8 +102,8 @@ class Store:
     def shards_dir(self, source: str) -> Path:
         return self.root / "shards" / sha256_bytes(source.encode())[:16]
 
-    def lock(self, stage: str, key: str, lease_s: float = 120.0) -> "LeaseLock":
-        return LeaseLock(self.root / "locks" / f"{stage}-{key}.lock", lease_s=lease_s)
+    def lock(self, stage: str, key: str, lease_s: float = 120.0, owner: str = "", log=None) -> "LeaseLock":
+        return LeaseLock(self.root / "locks" / f"{stage}-{key}.lock", lease_s=lease_s, owner=owner, log=log)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,10 +178,17 @@ def content_sha256_of(path: Path) -> str:
     return sha256_file(path)
 
 
-def write_manifest(art: Path, *, stage: str, key: str, metrics: dict, refs: dict[str, Path] | None = None,
+def write_manifest(art: Path, **fields) -> dict:
+    """build_manifest, then write it as the artifact's last file; returns the artifact's record."""
+    manifest = build_manifest(art, **fields)
+    atomic_write_json(art / MANIFEST, manifest)
+    return artifact_record(art, fields["store_root"], manifest)
+
+
+def build_manifest(art: Path, *, stage: str, key: str, metrics: dict, refs: dict[str, Path] | None = None,
                    store_root: Path, started_at: float, extra: dict | None = None,
                    volatile: tuple[str, ...] = ()) -> dict:
-    """Hash the artifact's files (and referenced files elsewhere in the store), write manifest.json last.
+    """Hash the artifact's files (and referenced files elsewhere in the store) into its manifest.
 
     Every file is listed with its size and sha256. The `content_sha256` downstream stages key on covers only
     what the stage computed: files matching a `volatile` glob (logs, timing records, wandb directories) and
@@ -210,8 +217,7 @@ def write_manifest(art: Path, *, stage: str, key: str, metrics: dict, refs: dict
         "environment": {**environment_info(), **(extra or {})},
         "timings": {"started_at": _iso(started_at), "finished_at": _iso(finished), "seconds": finished - started_at},
     }
-    atomic_write_json(art / MANIFEST, manifest)
-    return artifact_record(art, store_root, manifest)
+    return manifest
 
 
 def _iso(t: float) -> str:
@@ -282,28 +288,35 @@ class LeaseLock:
     path: Path
     lease_s: float = 120.0
     poll_s: float = 0.25
+    owner: str = ""  # who holds it, for whoever waits (e.g. the Prefect flow run)
+    announce_every_s: float = 60.0
+    log: object = None  # where `with lock:` says whom it waits for (a logger's info method)
+    # The holder id is also the fencing token: unique per acquisition, checked by fenced() before every commit.
     holder: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}")
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
     _thread: threading.Thread | None = field(default=None, repr=False)
+    _since: float = 0.0
 
     def acquire(self, timeout_s: float | None = None, log=None) -> None:
+        """Take the lock, waiting for a live holder; `log` hears who holds it at once and every
+        `announce_every_s` while this waits."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        announced = False
+        announced = None
         while True:
             current = None
             try:
                 with self._guard(wait_s=self.poll_s):
                     current = self._read()
                     if current is None or self._stale(current):
+                        self._since = time.time()
                         self._write()
                         break
             except _GuardBusy:
                 pass  # someone is mid-update (or frozen inside the guard): just another round
-            if not announced and log and current:
-                log(f"waiting for {self.path.name}, held by {current.get('holder')} (lease until "
-                    f"{_iso(current.get('expires', 0))})")
-                announced = True
+            if log and current and (announced is None or time.monotonic() - announced >= self.announce_every_s):
+                log(f"waiting for {self.path.name}: held by {describe_holder(current)}")
+                announced = time.monotonic()
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"{self.path} is held by {(current or {}).get('holder', 'another process')}")
             time.sleep(self.poll_s)
@@ -325,7 +338,7 @@ class LeaseLock:
             pass  # the guard is wedged; our lease simply runs out
 
     def __enter__(self) -> "LeaseLock":
-        self.acquire()
+        self.acquire(log=self.log)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -341,6 +354,26 @@ class LeaseLock:
                     self._write()
             except _GuardBusy:
                 continue  # try again at the next beat; the lease still has 2/3 of its length to run
+
+    @contextlib.contextmanager
+    def fenced(self):
+        """Around a commit (writing a manifest, moving a build into place): holds the guard, so nobody can take
+        the lock over meanwhile, and raises LeaseLost if this holder no longer owns it (it stalled past its
+        lease, SIGSTOP or a VM pause, and someone else took over): a stale holder never commits."""
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(self._guard(wait_s=self.lease_s))
+            except _GuardBusy:
+                raise LeaseLost(f"{self.path}: could not check the lease (its guard stayed busy); not committing") \
+                    from None
+            current = self._read()
+            if current is None or current.get("holder") != self.holder:
+                raise LeaseLost(f"{self.path}: this run ({self.holder}) lost its lease and "
+                                f"{describe_holder(current) if current else 'nobody'} holds it now; not committing")
+            if current.get("expires", 0) < time.time():
+                raise LeaseLost(f"{self.path}: this run's lease ran out at {_iso(current['expires'])} (it stalled); "
+                                "not committing")
+            yield
 
     @contextlib.contextmanager
     def _guard(self, wait_s: float):
@@ -370,6 +403,7 @@ class LeaseLock:
 
     def _write(self) -> None:
         atomic_write_json(self.path, {"holder": self.holder, "host": socket.gethostname(), "pid": os.getpid(),
+                                      "owner": self.owner, "since": self._since, "lease_s": self.lease_s,
                                       "expires": time.time() + self.lease_s})
 
     @staticmethod
@@ -379,6 +413,18 @@ class LeaseLock:
         if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int):
             return not _pid_alive(info["pid"])
         return False
+
+
+def describe_holder(info: dict) -> str:
+    """'flow run X (host h, pid 12) since <time>, lease until <time>' from a lock file's contents."""
+    who = info.get("owner") or info.get("holder", "another process")
+    since = f" since {_iso(info['since'])}" if info.get("since") else ""
+    return (f"{who} (host {info.get('host', '?')}, pid {info.get('pid', '?')}){since}, lease until "
+            f"{_iso(info.get('expires', 0))}")
+
+
+class LeaseLost(RuntimeError):
+    """This holder's lease ran out or was taken over: it must not commit what it built."""
 
 
 class _GuardBusy(Exception):

@@ -6,7 +6,8 @@ speedrun/smoke`. The first run fails the way real runs fail: the chat-eval data 
 gsm8k/test.jsonl. The test puts the file in place and retries the flow run exactly as the UI's Retry
 button does (set_state AwaitingRetry, force), then checks through the API that the retried run completed
 with every stage before the failed one Cached and the failed one and those after it executed. A second
-run is all Cached. Then a run with a baseline it cannot meet fails in the report with RegressionDetected,
+run is all Cached. A run cancelled mid-pretrain saves the step in flight, and its Retry resumes from it and
+ends bitwise equal to an uninterrupted run. Then a run with a baseline it cannot meet fails in the report with RegressionDetected,
 every time, and the alert automation from deployments/automations posts it to a webhook.
 
 The smoke preset is shrunk with the `overrides` parameter (fewer steps, a 3-task CORE bundle, two problems
@@ -161,6 +162,17 @@ def wait_process_reaped(client, run_id: str, timeout_s: float = 120) -> None:
     time.sleep(2.0)  # the slot is released right after the reap
 
 
+def wait_for_log_line(store: Path, text: str, worker_log: Path, timeout_s: float = 300) -> Path:
+    """The work/ directory of the pretrain artifact whose log.txt shows `text` (polled)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for log in store.glob("stages/pretrain/*/work/log.txt"):
+            if text in log.read_text():
+                return log.parent
+        time.sleep(0.2)
+    raise AssertionError(f"no pretrain log shows {text!r}; the worker's log ends:\n{worker_log.read_text()[-4000:]}")
+
+
 def stage_runs(client, run_id: str) -> dict[int, list[tuple[str, str]]]:
     """{attempt (flow_run_run_count): [(stage, state name), ...] in execution order}."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -276,7 +288,32 @@ def test_deploy_run_fail_retry_like_the_ui_rerun_cached_and_regression_alert(sha
                 assert wait_final(client, again, worker_log=worker_log).state.type == StateType.COMPLETED
                 assert stage_runs(client, again) == {1: [(s, "Cached") for s in STAGES]}
 
-                # 4. a baseline the run cannot meet: the report raises RegressionDetected on every run, and the
+                # 4. Cancel mid-pretrain, as the UI's Cancel does: the ranks finish their step and save it; Retry
+                # resumes from that step and ends bitwise where an uninterrupted run ends.
+                longer = {**params, "until": "pretrain",
+                          "overrides": {**params["overrides"], "pretrain.num_iterations": 40, "pretrain.save_every": -1}}
+                cancelled = run_deployment(longer, env, repo)
+                work = wait_for_log_line(store, "step 00005/00040", worker_log)
+                client.set_flow_run_state(cancelled, State(type=StateType.CANCELLING, name="Cancelling"), force=True)
+                run = wait_final(client, cancelled, worker_log=worker_log)
+                assert run.state.type == StateType.CANCELLED, run.state
+                checkpoints = work / "run" / "checkpoints"
+                saved = sorted(int(p.name.removeprefix("complete_")) for p in checkpoints.glob("complete_*"))
+                assert saved and 5 <= saved[-1] < 40, saved  # the step in flight, saved on the way out
+                assert not (work.parent / "manifest.json").exists()
+                wait_process_reaped(client, cancelled)
+                client.set_flow_run_state(cancelled, State(type=StateType.SCHEDULED, name="AwaitingRetry"), force=True)
+                run = wait_final(client, cancelled, worker_log=worker_log)
+                assert run.state.type == StateType.COMPLETED, worker_log.read_text()[-5000:]
+                assert f"resuming from step {saved[-1]} " in (work / "log.txt").read_text()
+                straight = run_deployment({**longer, "store": str(tmp_path / "store-straight")}, env, repo)
+                assert wait_final(client, straight, worker_log=worker_log).state.type == StateType.COMPLETED
+                (straight_art,) = (tmp_path / "store-straight").glob("stages/pretrain/*/manifest.json")
+                model = "checkpoint/model_000040.pt"
+                assert json.loads(straight_art.read_text())["files"][model]["sha256"] == \
+                    json.loads((work.parent / "manifest.json").read_text())["files"][model]["sha256"]
+
+                # 5. a baseline the run cannot meet: the report raises RegressionDetected on every run, and the
                 # alert automation (deployments/automations) posts the failure to a webhook
                 (repo / "deployments" / "baselines" / "e2e-strict.yaml").write_text(yaml.safe_dump(
                     {"preset": "smoke", "metrics": {"min_val_bpb": {"value": 0.5, "tolerance": 0.01}}}))

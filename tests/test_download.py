@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import io
 import os
 import shutil
 import socket
@@ -19,6 +20,7 @@ from collections import Counter
 from functools import partial
 from pathlib import Path
 
+import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -610,3 +612,40 @@ def test_missing_remote_shard_is_reported_at_once_with_its_url(server, template_
 
 
 FAST_ID = dict(backoff_s=0.01)
+
+
+class _SilentFile(io.RawIOBase):
+    """Opens fine, then never sends a byte (until released): a hung NFS mount or object store."""
+
+    released = threading.Event()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        _SilentFile.released.wait(60)
+        return 0
+
+
+class StallingFileSystem(fsspec.AbstractFileSystem):
+    protocol = "stalling"
+
+    def _open(self, path, mode="rb", **kwargs):
+        return _SilentFile()
+
+
+def test_stalled_non_http_source_times_out_like_a_stalled_server(tmp_path, log_lines):
+    """A non-HTTP source that opens but never sends fails each attempt after timeout_s instead of blocking the
+    stage forever (HTTP has aiohttp's read timeout; every other filesystem gets this guard)."""
+    fsspec.register_implementation("stalling", StallingFileSystem, clobber=True)
+    _SilentFile.released.clear()
+    started = time.monotonic()
+    try:
+        with pytest.raises(ShardDownloadError, match="timed out"):
+            fetch_shards("stalling:///mirror", [0], tmp_path / "dest", attempts=2, timeout_s=0.5,
+                         log=log_lines.append, **FAST)
+    finally:
+        _SilentFile.released.set()
+    assert time.monotonic() - started < 10
+    assert any("attempt 1/2 failed" in line for line in log_lines)
+    assert not list((tmp_path / "dest").iterdir())  # no temp file left behind

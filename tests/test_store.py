@@ -23,6 +23,7 @@ import pytest
 from tasks.store import (
     MANIFEST,
     LeaseLock,
+    LeaseLost,
     Store,
     artifact_record,
     atomic_write_bytes,
@@ -257,6 +258,15 @@ lock.acquire()
 print("held", lock.holder, flush=True)
 if mode == "sleep":
     time.sleep(float(arg))
+elif mode == "commit":  # wait for a line on stdin, then commit `arg` into the file beside the lock, fenced
+    sys.stdin.readline()
+    from tasks.store import LeaseLost
+    try:
+        with lock.fenced():
+            Path(path).with_suffix(".artifact").write_text(arg)
+        print("committed", flush=True)
+    except LeaseLost as exc:
+        print("refused", exc, flush=True)
 else:  # wait for a line on stdin
     sys.stdin.readline()
 lock.release()
@@ -270,7 +280,7 @@ class Holders:
     def __init__(self):
         self.procs: list[subprocess.Popen] = []
 
-    def start(self, path: Path, lease_s: float, mode: str = "sleep", arg: float = 60.0) -> tuple[subprocess.Popen, str]:
+    def start(self, path: Path, lease_s: float, mode: str = "sleep", arg=60.0) -> tuple[subprocess.Popen, str]:
         env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(path), str(lease_s), mode, str(arg)],
                                 cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -383,6 +393,52 @@ def test_lock_frozen_holder_is_taken_over_after_lease(tmp_path, holders):
         assert _lock_info(path)["holder"] == lock.holder
     finally:
         lock.release()
+
+
+def test_stalled_holder_cannot_commit_after_a_takeover(tmp_path, holders):
+    """Fencing: A stalls (SIGSTOP) past its lease, B takes over and commits; A, resumed, is refused."""
+    path = tmp_path / "g.lock"
+    artifact = path.with_suffix(".artifact")
+    proc, a = holders.start(path, 1.0, "commit", "A")
+    os.kill(proc.pid, signal.SIGSTOP)
+    b = LeaseLock(path, lease_s=5.0, poll_s=0.05)
+    b.acquire(timeout_s=10)
+    try:
+        with b.fenced():
+            artifact.write_text("B")
+        os.kill(proc.pid, signal.SIGCONT)
+        proc.stdin.write("commit now\n")
+        proc.stdin.flush()
+        answer = Holders.readline(proc, timeout=15)
+        assert answer.startswith("refused") and "lost its lease" in answer and b.holder in answer, answer
+        assert artifact.read_text() == "B"
+        assert _lock_info(path)["holder"] == b.holder  # A's release leaves B's lock alone
+    finally:
+        b.release()
+
+
+def test_holder_whose_lease_ran_out_cannot_commit(tmp_path):
+    lock = LeaseLock(tmp_path / "h.lock", lease_s=0.5)
+    lock.acquire()
+    lock._stop.set()  # its heartbeat stops, as in a process frozen long enough
+    lock._thread.join()
+    time.sleep(0.7)
+    with pytest.raises(LeaseLost, match="ran out"):
+        with lock.fenced():
+            pass
+    lock.release()
+
+
+def test_waiter_says_who_holds_the_lock_and_repeats_it(tmp_path):
+    path = tmp_path / "i.lock"
+    messages = []
+    with LeaseLock(path, lease_s=5.0, owner="flow run nightly-abc (1234), task pretrain"):
+        with pytest.raises(TimeoutError):
+            LeaseLock(path, lease_s=5.0, poll_s=0.05, announce_every_s=0.2).acquire(timeout_s=0.5,
+                                                                                    log=messages.append)
+    assert 2 <= len(messages) <= 4, messages
+    assert all("flow run nightly-abc (1234), task pretrain" in m and f"pid {os.getpid()}" in m and " since " in m
+               and "lease until" in m for m in messages), messages
 
 
 def test_lock_live_holder_renews_beyond_lease(tmp_path, holders):
