@@ -58,6 +58,21 @@ class StopSignal:
             self.previous = None
         sys.stdout, sys.stderr = self.streams
 
+    def exit_saved(self, step: int, checkpoint_dir: Path, wandb_run, say=print) -> None:
+        """End a stopped run after its checkpoint is written: say where a resume continues, close wandb, leave
+        the process group, and exit with CANCELLED_EXIT_CODE (what the pipeline reports as a cancellation)."""
+        from model.checkpoint import last_complete_step
+        from model.common import compute_cleanup
+
+        saved = last_complete_step(checkpoint_dir)
+        say(f"stopped by signal {self.received or 'on another rank'} at step {step}: " +
+            (f"checkpoint {saved} is complete; --resume auto continues from it" if saved is not None
+             else "nothing trained yet, nothing saved"))
+        if wandb_run is not None:
+            wandb_run.finish(exit_code=CANCELLED_EXIT_CODE)
+        compute_cleanup()
+        sys.exit(CANCELLED_EXIT_CODE)
+
     def reader_gone(self) -> None:
         if self.received is None:
             self.received = signal.SIGPIPE

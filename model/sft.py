@@ -30,7 +30,6 @@ import gc
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -47,7 +46,7 @@ from model.gpt import GPT, GPTConfig  # noqa: E402
 from model.loss_eval import evaluate_bpb  # noqa: E402
 from model.sft_loader import SFTLoader  # noqa: E402
 from model.tokenizer import Tokenizer, load_token_bytes  # noqa: E402
-from model.run_control import CANCELLED_EXIT_CODE, StopSignal, check_finite, die_with_parent, hold_run_dir  # noqa: E402
+from model.run_control import StopSignal, check_finite, die_with_parent, hold_run_dir  # noqa: E402
 from model.run_log import TIMING_WARMUP_STEPS, MetricsLog, start_wandb  # noqa: E402
 
 # None on the command line = inherit from the base checkpoint; these are the fallbacks when it lacks the key.
@@ -416,14 +415,7 @@ def main(argv: list[str] | None = None) -> dict:
             if master and args.keep_checkpoints > 0:
                 ckpt.prune_checkpoints(ckpt_dir, set(ckpt.complete_steps(ckpt_dir)[-args.keep_checkpoints:]))
         if cancel:
-            saved = ckpt.last_complete_step(ckpt_dir)
-            say(f"stopped by signal {stop.received or 'on another rank'} at step {step}: " +
-                (f"checkpoint {saved} is complete; --resume auto continues from it" if saved is not None
-                 else "nothing trained yet, nothing saved"))
-            if wandb_run is not None:
-                wandb_run.finish(exit_code=CANCELLED_EXIT_CODE)
-            compute_cleanup()
-            sys.exit(CANCELLED_EXIT_CODE)
+            stop.exit_saved(step, ckpt_dir, wandb_run, say)
         if last_step:
             break
 
