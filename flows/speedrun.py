@@ -32,7 +32,7 @@ from tasks.report import report_options, report_section, report_stage
 from tasks.sft import sft_options, sft_section, sft_stage
 from tasks.shards import shards_options, shards_section, shards_stage
 from tasks.stages import STAGES, downstream_of
-from tasks.store import MANIFEST, Store, atomic_write_json, check_artifact
+from tasks.store import MANIFEST, Store, atomic_write_json, check_artifact, git_commit
 from tasks.tokenizer import tokenizer_section, tokenizer_stage
 
 def stage_graph(cfg: SpeedrunConfig | None = None) -> dict[str, tuple[str, ...]]:
@@ -102,7 +102,14 @@ class StageRunner:
             (self.store.results_dir / record_name(name, key)).unlink(missing_ok=True)
 
 
-@flow(name="speedrun", log_prints=True)
+def run_name() -> str:
+    """The flow run's name: `<preset>-<short commit>-<date>`, so a list of nightly runs says what each tested."""
+    commit = git_commit()
+    short = (commit["short"] or "nogit") + ("-dirty" if commit["dirty"] else "")
+    return f"{flow_run.parameters.get('preset', 'smoke')}-{short}-{time.strftime('%Y%m%d-%H%M', time.gmtime())}"
+
+
+@flow(name="speedrun", log_prints=True, flow_run_name=run_name)
 def speedrun(preset: str = "smoke", overrides: dict | None = None, refresh: list[str] | None = None,
              mirror: str | None = None, store: str | None = None, until: str | None = None,
              verify: bool = False) -> dict:
@@ -152,7 +159,7 @@ def speedrun(preset: str = "smoke", overrides: dict | None = None, refresh: list
     if report:
         summary.update(report=str(Path(report["path"]) / "report.md"),
                        submission=str(Path(report["path"]) / "submission.md"), commit=report["metrics"].get("commit"))
-    return {"stages": run.stages, "summary": summary}
+    return {"flow_run": str(flow_run.id), "stages": run.stages, "summary": summary}
 
 
 LEADERBOARD_KEYS = ("total_training_time", "total_training_flops", "min_val_bpb", "step", "mfu", "tok_per_sec",

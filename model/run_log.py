@@ -32,12 +32,14 @@ class MetricsLog:
 
 
 def start_wandb(args, user_config: dict, out_dir: Path, project: str):
-    """A wandb run for `--run` (none for 'dummy' or --wandb-mode disabled), resumable: its id is fixed by the
-    output directory, so a restarted run continues the same wandb run."""
+    """A wandb run for `--run` (none for 'dummy' or --wandb-mode disabled), resumable: its id is --wandb-id, or
+    else fixed by the output directory, so a restarted run continues the same wandb run. The pipeline passes
+    an id per flow run and stage, so each night is a run of its own and a retried attempt resumes its own."""
     if args.run == "dummy" or args.wandb_mode == "disabled":
         return None
     import wandb
 
+    run_id = getattr(args, "wandb_id", "") or \
+        f"{args.run}-{hashlib.sha256(str(out_dir.resolve()).encode()).hexdigest()[:8]}"
     return wandb.init(project=project, name=args.run, config=user_config, mode=args.wandb_mode,
-                      dir=str(out_dir), resume="allow",
-                      id=f"{args.run}-{hashlib.sha256(str(out_dir.resolve()).encode()).hexdigest()[:8]}")
+                      dir=str(out_dir), resume="allow", id=run_id, group=getattr(args, "wandb_group", "") or None)

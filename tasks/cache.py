@@ -49,10 +49,17 @@ def record_name(stage: str, key: str) -> str:
 
 
 def stage_task(stage: Stage, **task_kwargs):
-    """Decorator: a Prefect task whose cache is the store. Signature: (section, upstream, store, options, rebuild)."""
+    """Decorator: a Prefect task whose cache is the store. Signature: (section, upstream, store, options, rebuild).
+    Its task runs are named `<stage>-<first 8 of its key>`, the name of the artifact directory they build."""
+    def run_name() -> str:
+        from prefect.runtime import task_run
+
+        params = task_run.parameters
+        return f"{stage.name}-{stage.key(params['section'], params.get('upstream') or {})[:8]}"
+
     def wrap(fn):
         return task(name=stage.name, cache_policy=StageCachePolicy(stage=stage), persist_result=True,
-                    **task_kwargs)(fn)
+                    task_run_name=run_name, **task_kwargs)(fn)
     return wrap
 
 
@@ -131,7 +138,7 @@ def run_stage(stage: Stage, section: dict, upstream: dict, store_root: str, rebu
             logger.info(f"{stage.name}: resuming the interrupted rebuild in {target}")
         elif problem is None:
             logger.info(f"{stage.name}: valid artifact already at {art}")
-            return artifact_record(art, store.root)
+            return publish_result(stage.name, artifact_record(art, store.root), art, logger)
         else:
             target = art
             if art.exists():
@@ -153,4 +160,20 @@ def run_stage(stage: Stage, section: dict, upstream: dict, store_root: str, rebu
         if out.after_commit is not None:
             out.after_commit(art)
         logger.info(f"{stage.name}: artifact {art} ({time.time() - started:.1f}s)")
-        return artifact_record(art, store.root)
+        return publish_result(stage.name, artifact_record(art, store.root), art, logger)
+
+
+def publish_result(stage: str, record: dict, art: Path, logger) -> dict:
+    """A small markdown artifact in the UI when a stage finishes: its scalar metrics and where its artifact is."""
+    from prefect.artifacts import create_markdown_artifact
+
+    rows = [(k, v) for k, v in sorted(record["metrics"].items())
+            if isinstance(v, (int, float, bool)) or isinstance(v, str) and len(v) < 80]
+    markdown = (f"### {stage}\n\nartifact: `{art}`  \nkey: `{record['key']}`\n\n| metric | value |\n|---|---|\n" +
+                "".join(f"| {k} | {v:.6g} |\n" if isinstance(v, float) else f"| {k} | {v} |\n" for k, v in rows))
+    try:
+        create_markdown_artifact(markdown=markdown, key=f"{stage.replace('_', '-')}-result",
+                                 description=f"{stage}: metrics and artifact path")
+    except Exception as exc:  # noqa: BLE001 - the UI must never fail a finished stage
+        logger.warning(f"{stage}: result not published to the Prefect UI ({type(exc).__name__}: {exc})")
+    return record

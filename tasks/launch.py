@@ -80,6 +80,16 @@ def attention_backend(runtime, device_type: str = "") -> str:
         raise ConfigError([str(exc)]) from None
 
 
+def wandb_arguments(run: str) -> list[str]:
+    """--wandb-id/--wandb-group for a training stage's run: one wandb run per flow run and stage (a retried
+    attempt of the flow run resumes it; the next night's run is a new one), the flow run's stages in one group."""
+    from prefect.runtime import flow_run
+
+    if not flow_run.id:
+        return []
+    return [f"--wandb-id={run}-{str(flow_run.id)[:8]}", f"--wandb-group={flow_run.name or flow_run.id}"]
+
+
 def torchrun_options(cfg) -> dict:
     """How a stage's torchrun is laid out and watched, from the config's `runtime` section (run_torchrun's
     keywords)."""

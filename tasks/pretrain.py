@@ -17,7 +17,8 @@ from tasks.cache import StageOutput, run_stage, stage_task
 from tasks.config import SpeedrunConfig
 from tasks.environment import numerics_environment
 from tasks.eval_bundle import BUNDLE_DIR
-from tasks.launch import run_torchrun, torchrun_options
+from tasks.launch import run_torchrun, torchrun_options, wandb_arguments
+from tasks.progress import TrainingProgress
 from tasks.stages import STAGES, key_section, launch_section
 from tasks.training_artifact import collect_training_run, release_final_checkpoint
 
@@ -38,7 +39,8 @@ def pretrain_options(cfg: SpeedrunConfig) -> dict:
     """Not in the key: the launch layout, the logging, and the options the key rule leaves out (stages.py)."""
     excluded = launch_section(PRETRAIN, cfg.pretrain)
     excluded["run"] = cfg.pretrain.run if cfg.pretrain.run != "dummy" else f"{cfg.preset}-pretrain"
-    return {"torchrun": torchrun_options(cfg), "wandb_mode": cfg.runtime.wandb_mode, "excluded": excluded}
+    return {"torchrun": torchrun_options(cfg), "wandb_mode": cfg.runtime.wandb_mode, "excluded": excluded,
+            "planned_steps": cfg.plan.num_iterations}
 
 
 def train_arguments(section: dict, excluded: dict | None = None) -> list[str]:
@@ -69,12 +71,14 @@ def pretrain_stage(section: dict, upstream: dict, store: str, options: dict, reb
         args = train_arguments(section, options["excluded"]) + [
             f"--out-dir={run_dir}", f"--data-dir={upstream['shards']['path']}",
             f"--tokenizer-dir={upstream['tokenizer']['path']}", "--resume=auto", f"--wandb-mode={options['wandb_mode']}",
+            *wandb_arguments(options["excluded"]["run"]),
         ]
         if "eval_bundle" in upstream:  # CORE during training (core_metric_every > 0)
             args.append(f"--bundle-dir={Path(upstream['eval_bundle']['path']) / BUNDLE_DIR}")
             if section.get("allow_missing_tasks"):
                 args.append("--allow-missing-tasks")
-        run_torchrun("model.train", args, log_path=work / "log.txt", log=logger.info, **options["torchrun"])
+        with TrainingProgress("pretrain", run_dir / "metrics.jsonl", options["planned_steps"], logger.warning):
+            run_torchrun("model.train", args, log_path=work / "log.txt", log=logger.info, **options["torchrun"])
         summary = collect_training_run(run_dir, work, art)
         environment = {"world_size": summary["world_size"], "attention_backend": summary.get("attention_backend"),
                        "device": summary["device"]}

@@ -7,12 +7,14 @@ with --until, or one without the chat stages, gets "not run" sections) and write
                     per stage (metrics, timings), the CORE per-task table, the chat-eval table, samples,
                     a cost estimate at report.gpu_hour_cost $/GPU-hour, and the regression verdict
     val_bpb.png     pretraining val bpb vs step and vs training time
+    trend.png       min val bpb and training time of the last runs of this preset on this hardware
+                    (tasks/history.py; this run is appended to <store>/history/<preset>.jsonl first)
     summary.json    the leaderboard numbers (total_training_time, total_training_flops, min_val_bpb,
                     core_metric, chatcore, step, mfu, commit, ...)
     submission.md   what a leaderboard PR needs: hours, CORE (and whether it beats GPT-2's 0.256525),
                     val bpb, FLOPs, the exact launch command, the commit
 
-The report and the CORE table are published as Prefect artifacts and the summary goes to wandb
+The report (plots inline), the CORE table and the trend are published as Prefect artifacts and the summary goes to wandb
 (offline unless runtime.wandb_mode=online). With report.regression on, the summary is compared with
 deployments/baselines/<preset>.yaml and `RegressionDetected` is raised naming every failing metric.
 The gate raises after the files are written (so the failing report can be read) but before the
@@ -25,6 +27,7 @@ raises again. A passing report is cached like any stage: its key holds the basel
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import platform
@@ -42,6 +45,7 @@ from prefect.logging import get_run_logger
 
 from tasks.cache import StageOutput, run_stage, stage_task
 from tasks.config import ConfigError, SpeedrunConfig, build_config, load_config
+from tasks.history import append_history, plot_trend, read_history, trend, trend_markdown, trend_rows
 from tasks.stages import STAGES as STAGE_REGISTRY
 from tasks.store import PROJECT_ROOT, atomic_write_bytes, atomic_write_json, git_commit, read_manifest
 
@@ -66,6 +70,8 @@ SUMMARY_SOURCES = {
     "sft_min_val_bpb": [("sft", "min_val_bpb")],
     "attention_backend": [("pretrain", "attention_backend")],
     "attention_reason": [("pretrain", "attention_reason")],
+    "hardware": [("pretrain", "device")],
+    "world_size": [("pretrain", "world_size")],
 }
 # Baseline metrics: which direction is better.
 DIRECTIONS = {"min_val_bpb": "lower", "val_bpb": "lower", "sft_min_val_bpb": "lower", "total_training_time": "lower",
@@ -401,6 +407,11 @@ def render_report(section: dict, stages: dict, summary: dict, verdict, cost: dic
         if name == "chat_eval" and name in stages:
             out += ["### Chat tasks", ""] + (table(chat_rows(stages)) or ["no tasks"])
             out += ["", f"ChatCORE: {_fmt(summary['chatcore'])}", ""]
+    offline = [d for name in ("pretrain", "sft") if name in stages
+               for d in sorted((stages[name]["art"] / "work" / "run" / "wandb").glob("offline-run-*"))]
+    if offline:  # offline wandb runs stay on the node until someone uploads them
+        out += ["## wandb", "", "Offline runs of this pipeline; upload them with:", "", "```"] + \
+            [f"wandb sync {d}" for d in offline] + ["```", ""]
     out += ["## Resolved config", "", "```yaml", yaml.safe_dump(section["config"], sort_keys=False).rstrip(), "```", ""]
     return "\n".join(out)
 
@@ -504,10 +515,28 @@ def artifact_key(preset: str, what: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", f"speedrun-{preset}-{what}".lower())
 
 
-def publish(result: dict, preset: str) -> None:
+def add_trend(result: dict, preset: str, out: Path, store_root: Path) -> None:
+    """Record this run in the preset's history (tasks/history.py), then add the trend of like runs to the
+    report: a section in report.md, trend.png, and the rows for the trend table artifact."""
+    verdict = None if result["verdict"] is None else ("pass" if all(r["ok"] for r in result["verdict"]) else "fail")
+    entry = append_history(store_root, result["summary"], verdict)
+    rows = trend_rows(trend(read_history(store_root, preset), entry))
+    plot_trend(rows, out / "trend.png", f"{preset} on {entry['world_size'] or '?'} x {entry['hardware'] or '?'}")
+    result["trend_rows"] = rows
+    result["report"] += "\n".join(["", f"## Trend: the last {len(rows)} {preset} runs on this hardware", "",
+                                    "![trend](trend.png)", "", *trend_markdown(rows), ""])
+    atomic_write_bytes(out / "report.md", result["report"].encode())
+
+
+def publish(result: dict, preset: str, out: Path | None = None) -> None:
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    create_markdown_artifact(key=artifact_key(preset, "report"), markdown=result["report"],
+    markdown = result["report"]
+    for image in ("val_bpb.png", "trend.png"):  # inline: a relative link shows broken in the UI
+        if out is not None and (out / image).exists():
+            png = base64.b64encode((out / image).read_bytes()).decode()
+            markdown = markdown.replace(f"]({image})", f"](data:image/png;base64,{png})")
+    create_markdown_artifact(key=artifact_key(preset, "report"), markdown=markdown,
                              description=f"speedrun report ({preset})")
     if result["core_rows"]:
         create_table_artifact(key=artifact_key(preset, "core"), table=result["core_rows"],
@@ -515,6 +544,9 @@ def publish(result: dict, preset: str) -> None:
     if result["chat_rows"]:
         create_table_artifact(key=artifact_key(preset, "chat-eval"), table=result["chat_rows"],
                               description="chat-eval accuracy per task")
+    if result.get("trend_rows"):  # a stable key: the UI's artifact page keeps the trend night after night
+        create_table_artifact(key=artifact_key(preset, "trend"), table=result["trend_rows"],
+                              description=f"the last {len(result['trend_rows'])} {preset} runs on this hardware")
 
 
 def log_wandb(summary: dict, options: dict, work: Path, log) -> None:
@@ -538,7 +570,8 @@ def report_stage(section: dict, upstream: dict, store: str, options: dict, rebui
 
     def build(art: Path, work: Path) -> StageOutput:
         result = write_report(section, upstream, art, options)
-        publish(result, section["preset"])
+        add_trend(result, section["preset"], art, Path(store))
+        publish(result, section["preset"], art)
         log_wandb(result["summary"], options, work, logger.warning)
         logger.info(f"report: {art / 'report.md'} and {art / 'submission.md'}")
         gate(section, result)  # after the files and artifacts exist, before the manifest: a failure is never cached

@@ -21,7 +21,8 @@ from model.tokenizer import META_FILE, RANKS_FILE, TOKEN_BYTES_FILE
 from tasks.cache import StageOutput, run_stage, stage_task
 from tasks.config import SpeedrunConfig
 from tasks.environment import numerics_environment
-from tasks.launch import run_torchrun, torchrun_options
+from tasks.launch import run_torchrun, torchrun_options, wandb_arguments
+from tasks.progress import TrainingProgress
 from tasks.stages import STAGES, key_section
 from tasks.store import content_digest
 from tasks.training_artifact import collect_training_run, release_final_checkpoint
@@ -83,9 +84,11 @@ def sft_stage(section: dict, upstream: dict, store: str, options: dict, rebuild:
         run_dir = work / "run"
         args = [f"--checkpoint-dir={Path(upstream['pretrain']['path']) / 'checkpoint'}",
                 f"--tokenizer-dir={upstream['tokenizer']['path']}", f"--out-dir={run_dir}", "--resume=auto",
-                f"--run={options['run']}", f"--wandb-mode={options['wandb_mode']}",
+                f"--run={options['run']}", f"--wandb-mode={options['wandb_mode']}", *wandb_arguments(options["run"]),
                 *sft_arguments(section, options)]
-        run_torchrun("model.sft", args, log_path=work / "log.txt", log=logger.info, **options["torchrun"])
+        planned = section["num_iterations"] if section["num_iterations"] > 0 else None  # else one pass, length unknown
+        with TrainingProgress("sft", run_dir / "metrics.jsonl", planned, logger.warning):
+            run_torchrun("model.sft", args, log_path=work / "log.txt", log=logger.info, **options["torchrun"])
         summary = collect_training_run(run_dir, work, art)
         tokenizer = art / "tokenizer"
         tokenizer.mkdir(exist_ok=True)

@@ -13,7 +13,8 @@ import time
 
 from model.run_control import CANCELLED_EXIT_CODE, die_with_parent
 
-mode = sys.argv[-1]
+MODES = ("silent", "chatty", "cancelled", "until-term")
+mode = next(arg for arg in sys.argv[1:] if arg in MODES)  # other arguments only mark the process for the test
 print(f"worker pid {os.getpid()}", flush=True)
 
 

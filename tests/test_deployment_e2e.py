@@ -278,7 +278,9 @@ def test_deploy_run_fail_retry_like_the_ui_rerun_cached_and_regression_alert(sha
                 assert "| time (hours) |" in (report_dir / "submission.md").read_text()
                 assert (report_dir / "val_bpb.png").read_bytes()[:4] == b"\x89PNG"
                 report_md = (report_dir / "report.md").read_text()
-                assert read_artifact(client, "speedrun-smoke-report", run_id).data == report_md
+                published = read_artifact(client, "speedrun-smoke-report", run_id).data
+                assert "](data:image/png;base64,iVBORw0KGgo" in published  # the plot inline, not a broken link
+                assert published.split("![val bpb]")[0] == report_md.split("![val bpb]")[0]
                 core_table = read_artifact(client, "speedrun-smoke-core", run_id).data
                 core_table = json.loads(core_table) if isinstance(core_table, str) else core_table
                 assert sorted(row["task"] for row in core_table) == sorted(CORE_TASKS)

@@ -7,6 +7,7 @@ subprocesses (embedded Prefect), from a copy of the repo where a test edits sour
 import http.server
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -51,8 +52,11 @@ def artifact(run, stage: str) -> Path:
     return Path(run.last["stages"][stage]["artifact"])
 
 
+FEW_CHAT_PROBLEMS = {"chat_eval.max_problems": 4}  # chat generation dominates a smoke run; every path still runs
+
+
 def test_first_run_completes_and_rerun_is_cached(run):
-    assert run(until=None) == expect("Completed", until=None)
+    assert run(until=None, overrides=FEW_CHAT_PROBLEMS) == expect("Completed", until=None)
     first = run.last
     tok = artifact(run, "tokenizer")
     assert {"tokenizer.tiktoken", "tokenizer.json", "token_bytes.pt", "tok_eval.json", "manifest.json"} <= \
@@ -84,15 +88,50 @@ def test_first_run_completes_and_rerun_is_cached(run):
     report = artifact(run, "report")
     assert {"report.md", "summary.json", "submission.md"} <= {p.name for p in report.iterdir()}
     assert json.loads((report / "summary.json").read_text())["core_metric"] == summary["core_metric"]
-    assert run(until=None) == expect("Cached", until=None)
+    assert_visible_in_the_ui(first, run.store, pre)
+    assert run(until=None, overrides=FEW_CHAT_PROBLEMS) == expect("Cached", until=None)
     assert {k: v["key"] for k, v in run.last["stages"].items()} == {k: v["key"] for k, v in first["stages"].items()}
 
     # A lost pretrain artifact is rebuilt with bitwise the same weights (CPU, fixed seed): its timings and log
     # differ, but they are not part of its content, so every stage after it stays Cached.
     weights = sha256_file(pre / "checkpoint" / "model_000020.pt")
     shutil.rmtree(pre)
-    assert run(until=None) == expect("Cached", until=None, pretrain="Completed")
+    assert run(until=None, overrides=FEW_CHAT_PROBLEMS) == expect("Cached", until=None, pretrain="Completed")
     assert sha256_file(pre / "checkpoint" / "model_000020.pt") == weights
+
+
+def assert_visible_in_the_ui(result: dict, store: Path, pretrain: Path) -> None:
+    """What the Prefect UI shows of a finished run: its name, the stages' task runs, the training progress,
+    each stage's result, the trend; and the run's own wandb runs and history entry."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+
+    flow_run_id = result["flow_run"]
+    with get_client(sync_client=True) as client:
+        name = client.read_flow_run(flow_run_id).name
+        task_runs = {tr.name for tr in client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))}
+        artifacts = {}
+        for a in sorted(client.read_artifacts(artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))), key=lambda a: a.created):
+            artifacts[a.key] = a.data  # the newest version of each key
+    assert re.fullmatch(r"smoke-([0-9a-f]{7}(-dirty)?|nogit)-\d{8}-\d{4}", name), name
+    assert {f"{stage}-{result['stages'][stage]['key'][:8]}" for stage in STAGES_RUN} == task_runs
+    assert artifacts["pretrain-progress"] == 100 and artifacts["sft-progress"] == 100
+    assert "| step | 20 / 20 (100.0%) |" in artifacts["pretrain-status"]
+    assert {f"{stage.replace('_', '-')}-result" for stage in STAGES_RUN} <= set(artifacts)
+    assert f"`{pretrain}`" in artifacts["pretrain-result"] and "min_val_bpb" in artifacts["pretrain-result"]
+    trend = artifacts["speedrun-smoke-trend"]
+    trend = json.loads(trend) if isinstance(trend, str) else trend
+    history = [json.loads(line) for line in (store / "history" / "smoke.jsonl").read_text().splitlines()]
+    assert len(trend) == len(history) == 1 and trend[0]["commit"] == history[0]["commit"]
+    assert history[0]["min_val_bpb"] == result["summary"]["min_val_bpb"] and history[0]["hardware"] == "cpu"
+    assert "](data:image/png;base64," in artifacts["speedrun-smoke-report"]
+    # one wandb run per flow run and stage, grouped by flow run
+    (wandb_run,) = pretrain.glob("work/run/wandb/offline-run-*")
+    assert wandb_run.name.endswith(f"-smoke-pretrain-{flow_run_id[:8]}"), wandb_run.name
+    report_md = (Path(result["stages"]["report"]["artifact"]) / "report.md").read_text()
+    assert f"wandb sync {wandb_run}" in report_md and "## Trend: the last 1 smoke runs" in report_md
 
 
 def test_tokenizer_option_reexecutes_tokenizer_only(run):
@@ -275,7 +314,8 @@ def test_cli_summary_json_cached_rerun_and_source_edit(cli_env, shared_data, tmp
     repo = tmp_path / "repo"
     shutil.copytree(REPO_ROOT, repo, ignore=shutil.ignore_patterns(".git", "__pycache__", "*.egg-info", ".pytest_cache"))
     env = {**cli_env, "PYTHONPATH": str(repo)}
-    args = ("--preset", "smoke", "--mirror", str(shared_data), "--store", str(tmp_path / "store"))
+    args = ("--preset", "smoke", "--mirror", str(shared_data), "--store", str(tmp_path / "store"),
+            "--set", "chat_eval.max_problems=4")
 
     def states(summary: Path) -> dict:
         return {k: v["state"] for k, v in json.loads(summary.read_text())["stages"].items()}
