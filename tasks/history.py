@@ -15,6 +15,8 @@ import os
 import time
 from pathlib import Path
 
+from tasks.plots import save_png, two_panels
+
 HISTORY_FIELDS = ("commit", "date", "preset", "hardware", "world_size", "total_training_time", "min_val_bpb",
                   "core_metric", "chatcore", "tok_per_sec", "mfu", "verdict")
 TREND_RUNS = 10
@@ -82,13 +84,8 @@ def trend_markdown(rows: list[dict]) -> list[str]:
 
 def plot_trend(rows: list[dict], path: Path, title: str) -> None:
     """min val bpb and training time per run, commits on the x axis; written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     labels = [f"{r['commit']}\n{r['date'][5:10]}" for r in rows]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (a, b) = two_panels()
     a.plot(labels, [r["min_val_bpb"] for r in rows], marker="o")
     b.plot(labels, [r["training_hours"] * 60 for r in rows], marker="o")
     a.set_ylabel("min val bpb")
@@ -96,9 +93,4 @@ def plot_trend(rows: list[dict], path: Path, title: str) -> None:
     for ax in (a, b):
         ax.grid(alpha=0.3)
         ax.tick_params(axis="x", labelsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_png(fig, path, title)

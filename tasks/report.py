@@ -46,6 +46,7 @@ from prefect.logging import get_run_logger
 from tasks.cache import StageOutput, run_stage, stage_task
 from tasks.config import ConfigError, SpeedrunConfig, build_config, load_config
 from tasks.history import append_history, plot_trend, read_history, trend, trend_markdown, trend_rows
+from tasks.plots import save_png, two_panels
 from tasks.stages import STAGES as STAGE_REGISTRY
 from tasks.store import PROJECT_ROOT, atomic_write_bytes, atomic_write_json, git_commit, read_manifest
 
@@ -452,15 +453,8 @@ def render_submission(section: dict, stages: dict, summary: dict, launch: dict, 
 
 def plot_val_bpb(curve: list[dict], path: Path, title: str) -> None:
     """val bpb vs step and vs training time (two panels), written atomically."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise RuntimeError("the report's plot needs matplotlib; fix: pip install matplotlib") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     points = [r for r in curve if "val/bpb" in r]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (a, b) = two_panels()
     a.plot([r["step"] for r in points], [r["val/bpb"] for r in points], marker="o")
     b.plot([r.get("total_training_time", 0.0) / 60 for r in points], [r["val/bpb"] for r in points], marker="o")
     a.set_xlabel("step")
@@ -470,12 +464,7 @@ def plot_val_bpb(curve: list[dict], path: Path, title: str) -> None:
         ax.grid(alpha=0.3)
     if not points:
         a.set_title("no val bpb evaluations")
-    fig.suptitle(title)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_png(fig, path, title)
 
 
 # ---------------------------------------------------------------------------------------------
