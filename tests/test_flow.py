@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from flows.speedrun import speedrun, stages_to_refresh
+from test_deployment_e2e import SHRINK, small_bundle
 from tasks.download import ShardSourceError
 from tasks.store import read_manifest, sha256_file
 
@@ -203,28 +204,29 @@ def test_external_inputs_are_keyed_by_what_they_hold(run, shared_data, tmp_path)
     """A mirror edited in place: a replaced shard re-executes shards and what reads them, an edited bundle file
     the eval bundle; `--refresh shards` re-hashes stored shards the size-and-mtime check would trust."""
     mirror = tmp_path / "mirror"
+    SHORT = {"pretrain.num_iterations": 6}  # what re-executes is the point, not the training
     mirror.mkdir()
     shutil.copytree(shared_data / "pretrain", mirror / "pretrain")
     shutil.copytree(shared_data / "eval_bundle", mirror / "eval_bundle")
     for name in ("sft", "chat_eval"):
         (mirror / name).symlink_to(shared_data / name)
-    assert run(mirror=mirror) == expect("Completed")
+    assert run(mirror=mirror, overrides=SHORT) == expect("Completed")
     meta = mirror / "eval_bundle" / "eval_meta_data.csv"
     meta.chmod(0o644)
     meta.write_text(meta.read_text() + "\n")
-    assert run(mirror=mirror) == expect("Cached", eval_bundle="Completed")  # CORE is off during smoke training
+    assert run(mirror=mirror, overrides=SHORT) == expect("Cached", eval_bundle="Completed")  # CORE is off during smoke training
     shard = mirror / "pretrain" / "shard_00000.parquet"
     shard.chmod(0o644)
     shutil.copy(shared_data / "pretrain" / "shard_00003.parquet", shard)  # another valid shard, same name
-    assert run(mirror=mirror) == expect("Completed", eval_bundle="Cached")
+    assert run(mirror=mirror, overrides=SHORT) == expect("Completed", eval_bundle="Cached")
     stored = artifact(run, "shards") / json.loads((artifact(run, "shards") / "shards.json").read_text())["train"][0]
     assert sha256_file(stored) == sha256_file(shared_data / "pretrain" / "shard_00003.parquet")
     # Bytes changed under an unchanged size and mtime, where decoding cannot see it (the writer's name).
     st = stored.stat()
     stored.write_bytes(stored.read_bytes().replace(b"parquet-cpp-arrow", b"parquet-cpp-arroW"))
     os.utime(stored, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert run(mirror=mirror, until="shards") == expect("Cached", until="shards")  # trusted by size and mtime
-    assert run(mirror=mirror, until="shards", refresh=["shards"]) == expect("Completed", until="shards")
+    assert run(mirror=mirror, until="shards", overrides=SHORT) == expect("Cached", until="shards")  # trusted by size and mtime
+    assert run(mirror=mirror, until="shards", refresh=["shards"], overrides=SHORT) == expect("Completed", until="shards")
     assert sha256_file(stored) == sha256_file(shared_data / "pretrain" / "shard_00003.parquet")
 
 
@@ -314,8 +316,12 @@ def test_cli_summary_json_cached_rerun_and_source_edit(cli_env, shared_data, tmp
     repo = tmp_path / "repo"
     shutil.copytree(REPO_ROOT, repo, ignore=shutil.ignore_patterns(".git", "__pycache__", "*.egg-info", ".pytest_cache"))
     env = {**cli_env, "PYTHONPATH": str(repo)}
+    # smoke, shrunk as the deployment e2e test shrinks it (fewer steps, a 3-task CORE bundle, two problems per
+    # chat task): what is tested is which stages re-execute, not the numbers
+    bundle = small_bundle(shared_data, tmp_path / "bundle")
+    shrink = [f"{k}={v}" for k, v in {**SHRINK, "base_eval.bundle": bundle}.items()]
     args = ("--preset", "smoke", "--mirror", str(shared_data), "--store", str(tmp_path / "store"),
-            "--set", "chat_eval.max_problems=4")
+            *[a for item in shrink for a in ("--set", item)])
 
     def states(summary: Path) -> dict:
         return {k: v["state"] for k, v in json.loads(summary.read_text())["stages"].items()}
@@ -336,7 +342,7 @@ def test_cli_summary_json_cached_rerun_and_source_edit(cli_env, shared_data, tmp
         ("model/core_eval.py", (), {"base_eval", "chat_eval"}),
         ("model/sft_loader.py", (), {"sft"}),  # SFT retrains to bitwise the same weights on CPU
         # the checkpoint period is not in the pretrain key; the report renders the config, so it re-renders
-        (None, ("--set", "pretrain.save_every=5"), {"report"}),
+        (None, ("--set", "pretrain.save_every=2"), {"report"}),
     ]
     for i, (path, extra, executed) in enumerate(edits, start=2):
         if path:
@@ -372,7 +378,7 @@ def test_sigkilled_flow_leaves_no_trainer_and_the_retry_resumes(prefect_server, 
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}  # the test server: nothing embedded to orphan
     store = tmp_path / "store"
     args = ("--preset", "smoke", "--mirror", str(shared_data), "--store", str(store), "--until", "pretrain",
-            "--set", "pretrain.num_iterations=40", "--set", "runtime.nproc_per_node=2",
+            "--set", "pretrain.num_iterations=24", "--set", "runtime.nproc_per_node=2",
             "--set", "sft.total_batch_size=4096",  # a whole number of 2-rank SFT micro-batches (checked up front)
             "--set", "runtime.omp_num_threads=1")
     first = subprocess.Popen([sys.executable, "-m", "flows.speedrun", *args], cwd=REPO_ROOT, env=env,
@@ -400,7 +406,7 @@ def test_sigkilled_flow_leaves_no_trainer_and_the_retry_resumes(prefect_server, 
     retry = cli(REPO_ROOT, *args, "--summary-json", str(tmp_path / "r.json"), env=env)
     assert retry.returncode == 0, retry.stdout[-3000:] + retry.stderr[-3000:]
     result = json.loads((tmp_path / "r.json").read_text())
-    assert result["stages"]["pretrain"]["state"] == "Completed" and result["summary"]["step"] == 40
+    assert result["stages"]["pretrain"]["state"] == "Completed" and result["summary"]["step"] == 24
     log = (Path(result["stages"]["pretrain"]["artifact"]) / "log.txt").read_text()
     assert log.count("resuming from step ") == 1 and f"resuming from step {saved} " in log
 
