@@ -23,6 +23,7 @@ from model.chat_data import CHAT_EVAL_TASKS
 from model.sft_data import SFT_SOURCES
 from model.sizing import PlanError, TrainingPlan, plan_training
 from tasks.download import DEFAULT_SOURCE, DEFAULT_VAL_SHARD, list_source_shards
+from tasks.source_identity import is_local
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "deployments" / "presets"
 DEFAULT_BUNDLE = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
@@ -534,7 +535,7 @@ def resolve_config(cfg: SpeedrunConfig) -> SpeedrunConfig:
                 problems.append("data.val_shard: must be set for a URL template source (the index of its last shard); "
                                 "fix: --set data.val_shard=<index>")
         else:
-            if _is_local(data.source) and not Path(data.source).is_dir():
+            if is_local(data.source) and not Path(data.source).is_dir():
                 problems.append(f"data.source: {data.source} is not a directory; fix: point data.source (or --mirror) "
                                 "at a directory of shard_NNNNN.parquet files")
             else:
@@ -550,10 +551,10 @@ def resolve_config(cfg: SpeedrunConfig) -> SpeedrunConfig:
                 if found and len(found) < 2:
                     problems.append(f"data.source: {data.source} holds a single shard; at least one train shard and the "
                                     "validation shard are needed")
-    if _is_local(base_eval.bundle) and not Path(base_eval.bundle).exists() and "bundle" in cfg.base_eval.model_fields_set:
+    if is_local(base_eval.bundle) and not Path(base_eval.bundle).exists() and "bundle" in cfg.base_eval.model_fields_set:
         problems.append(f"base_eval.bundle: {base_eval.bundle} does not exist; fix: point it at the bundle directory or zip")
     for path in sft.data or []:
-        if _is_local(path) and not Path(path).exists():
+        if is_local(path) and not Path(path).exists():
             problems.append(f"sft.data: {path} does not exist; fix: list existing jsonl/parquet files")
     for name, path in sft.sources.items():
         if "://" in path or not Path(path).expanduser().is_file():  # read by model.chat_data as a local file
@@ -561,14 +562,10 @@ def resolve_config(cfg: SpeedrunConfig) -> SpeedrunConfig:
                             f"existing jsonl/parquet file of {name} rows, or remove sft.sources.{name} to use the hub dataset")
     if sft.sources and not problems:  # absolute, so the torchrun workers find them whatever their cwd
         sft = sft.model_copy(update={"sources": {n: str(Path(p).expanduser().resolve()) for n, p in sft.sources.items()}})
-    if chat_eval.data_dir and _is_local(chat_eval.data_dir) and not Path(chat_eval.data_dir).is_dir():
+    if chat_eval.data_dir and is_local(chat_eval.data_dir) and not Path(chat_eval.data_dir).is_dir():
         problems.append(f"chat_eval.data_dir: {chat_eval.data_dir} is not a directory; fix: point it at a directory "
                         "laid out like shared/data/chat_eval (arc/, mmlu/, gsm8k/, humaneval/), or unset it for the hub")
     if problems:
         raise ConfigError(problems)
     return build_config({**cfg.model_dump(), "data": data.model_dump(), "base_eval": base_eval.model_dump(),
                          "sft": sft.model_dump(), "chat_eval": chat_eval.model_dump(), "runtime": runtime.model_dump()})
-
-
-def _is_local(path: str) -> bool:
-    return "://" not in path or path.startswith("file://")

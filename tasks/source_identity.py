@@ -24,7 +24,7 @@ from pathlib import Path
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from tasks.store import atomic_write_json, canonical_json, sha256_bytes, sha256_file
+from tasks.store import atomic_write_json, sha256_file
 
 HASH_CACHE_FILE = Path("cache") / "sha256.json"
 # fs.info() fields that change when a remote object's bytes change, across fsspec's filesystems (HTTP headers,
@@ -115,8 +115,3 @@ def remote_version(url: str, fs=None, path: str | None = None) -> dict | None:
     if not version:
         return None
     return {"url": url, "size": info.get("size"), **version}
-
-
-def identity_digest(identity) -> str:
-    """One sha256 for an identity (a dict of the above), for keys that need a short form."""
-    return sha256_bytes(canonical_json(identity))

@@ -32,6 +32,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tasks.store import WORK
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 POOL = "speedrun"
 STAGES = ["shards", "tokenizer", "eval_bundle", "pretrain", "base_eval", "sft", "chat_eval", "report"]
@@ -166,7 +168,7 @@ def wait_for_log_line(store: Path, text: str, worker_log: Path, timeout_s: float
     """The work/ directory of the pretrain artifact whose log.txt shows `text` (polled)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        for log in store.glob("stages/pretrain/*/work/log.txt"):
+        for log in store.glob(f"stages/pretrain/*/{WORK}/log.txt"):
             if text in log.read_text():
                 return log.parent
         time.sleep(0.2)

@@ -22,7 +22,7 @@ import pytest
 from flows.speedrun import speedrun, stages_to_refresh
 from test_deployment_e2e import SHRINK, small_bundle
 from tasks.download import ShardSourceError
-from tasks.store import read_manifest, sha256_file
+from tasks.store import WORK, read_manifest, sha256_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STAGES_RUN = ("shards", "tokenizer", "eval_bundle", "pretrain", "base_eval", "sft", "chat_eval", "report")
@@ -399,7 +399,7 @@ def test_sigkilled_flow_leaves_no_trainer_and_the_retry_resumes(prefect_server, 
     while trainer_pids(str(store)):
         assert time.monotonic() < deadline, f"trainers outlived their flow: {trainer_pids(str(store))}"
         time.sleep(0.1)
-    (checkpoints,) = store.glob("stages/pretrain/*/work/run/checkpoints")
+    (checkpoints,) = store.glob(f"stages/pretrain/*/{WORK}/run/checkpoints")
     saved = int(sorted(checkpoints.glob("complete_*"))[-1].name.removeprefix("complete_"))
     assert saved >= 5  # told by the kernel, the ranks saved the step they were on before exiting
 
