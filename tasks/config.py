@@ -28,6 +28,11 @@ from tasks.source_identity import is_local
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "deployments" / "presets"
 DEFAULT_BUNDLE = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 STEP_TIME_BOUND_S = 60.0  # no pretraining step of any preset takes a minute (d26 on 8xH100: ~1 s; cpu: ~1 s)
+# The slowest FLOP/s per training process a healthy run sustains: 35% of an H100's dense BF16 peak (the record
+# runs reach ~58% MFU) and a third of what this 2-core CPU box reaches on the cpu preset. The flow's expected
+# duration and time limit assume it, so a run slower than this is late, and one twice as slow is stopped.
+SUSTAINED_FLOPS_FLOOR = {"cuda": 0.35 * 989e12, "mps": 2e12, "cpu": 2e10}
+STAGES_BESIDE_PRETRAINING_S = 3600.0  # data, tokenizer, CORE, SFT and chat eval: well under an hour at d26
 
 
 class ConfigError(ValueError):
@@ -284,6 +289,9 @@ class RuntimeConfig(Section):
     rdzv_endpoint: str | None = Field(None, description="host:port for multi-node rendezvous")
     omp_num_threads: int | None = Field(None, ge=1, description="OMP_NUM_THREADS for torchrun workers; default 1 on GPU")
     wandb_mode: Literal["offline", "online", "disabled"] = Field("offline")
+    flow_timeout_s: float | None = Field(None, gt=0, description="time limit of a whole flow run; past it the "
+                                         "running stage is stopped and the run fails. None = twice the plan's "
+                                         "expected duration (SpeedrunConfig.expected_duration_s)")
     hang_timeout_s: float = Field(1200.0, gt=0, description="stop a torchrun stage that prints nothing for this "
                                   "long (a NCCL hang); its ranks save a checkpoint if they can")
     stage_timeout_s: float | None = Field(None, gt=0, description="time limit of each torchrun stage; None = 1 h "
@@ -362,6 +370,21 @@ class SpeedrunConfig(Section):
         if self.runtime.stage_timeout_s is not None:
             return self.runtime.stage_timeout_s
         return max(6 * 3600.0, 3600.0 + STEP_TIME_BOUND_S * self.plan.num_iterations)
+
+    @property
+    def expected_duration_s(self) -> float:
+        """How long a whole run should take at most, from the plan: its FLOPs at the sustained floor of the
+        device (SUSTAINED_FLOPS_FLOOR) plus an hour for the other stages. The late-finish alert fires past it."""
+        device = self.pretrain.device_type or self.runtime.device_type or "cpu"
+        per_process = SUSTAINED_FLOPS_FLOOR.get(device, SUSTAINED_FLOPS_FLOOR["cpu"])
+        return STAGES_BESIDE_PRETRAINING_S + self.plan.total_flops / (per_process * self.runtime.world_size)
+
+    @property
+    def flow_time_limit_s(self) -> float:
+        """runtime.flow_timeout_s, else twice the expected duration: past it the flow stops its stage and fails."""
+        if self.runtime.flow_timeout_s is not None:
+            return self.runtime.flow_timeout_s
+        return 2 * self.expected_duration_s
 
     @cached_property
     def plan(self) -> TrainingPlan:
