@@ -42,4 +42,4 @@ def start_wandb(args, user_config: dict, out_dir: Path, project: str):
     run_id = getattr(args, "wandb_id", "") or \
         f"{args.run}-{hashlib.sha256(str(out_dir.resolve()).encode()).hexdigest()[:8]}"
     return wandb.init(project=project, name=args.run, config=user_config, mode=args.wandb_mode,
-                      dir=str(out_dir), resume="allow", id=run_id, group=getattr(args, "wandb_group", "") or None)
+                      dir=getattr(args, "wandb_dir", "") or str(out_dir), resume="allow", id=run_id, group=getattr(args, "wandb_group", "") or None)

@@ -111,6 +111,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--wandb-mode", default=os.environ.get("WANDB_MODE", "offline"), choices=["offline", "online", "disabled"])
     a("--wandb-id", default="", help="wandb run id (default: fixed by --out-dir, so a restart resumes the run)")
     a("--wandb-group", default="", help="wandb group (the pipeline groups the stages of one flow run)")
+    a("--wandb-dir", default="", help="where wandb writes its run directory (default: --out-dir); the pipeline "
+                                      "uses one per store, so offline runs outlive rebuilt artifacts")
     a("--attention", default="auto", choices=ATTENTION_CHOICES,
       help="attention backend: auto (best available), fused (FA3/FA4 or fail), fa3, fa4, flex, sdpa")
     args = p.parse_args(argv)

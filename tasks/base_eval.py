@@ -32,7 +32,7 @@ def base_eval_section(cfg: SpeedrunConfig) -> dict:
 
 
 def base_eval_options(cfg: SpeedrunConfig) -> dict:
-    return torchrun_options(cfg)
+    return {"torchrun": torchrun_options(cfg)}
 
 
 @stage_task(BASE_EVAL)
@@ -53,7 +53,7 @@ def base_eval_stage(section: dict, upstream: dict, store: str, options: dict, re
         if section["device_type"] != "auto":
             args.append(f"--device-type={section['device_type']}")
         args.append(f"--attention={section['environment']['attention']}")
-        run_torchrun("model.evaluate", args, log_path=work / "log.txt", log=logger.info, **options)
+        run_torchrun("model.evaluate", args, log_path=work / "log.txt", log=logger.info, **options["torchrun"])
         for produced in out.iterdir():
             shutil.copy2(produced, art / produced.name)
         shutil.copy2(work / "log.txt", art / "log.txt")

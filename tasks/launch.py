@@ -80,14 +80,17 @@ def attention_backend(runtime, device_type: str = "") -> str:
         raise ConfigError([str(exc)]) from None
 
 
-def wandb_arguments(run: str) -> list[str]:
-    """--wandb-id/--wandb-group for a training stage's run: one wandb run per flow run and stage (a retried
-    attempt of the flow run resumes it; the next night's run is a new one), the flow run's stages in one group."""
+def wandb_arguments(run: str, store: str | Path) -> list[str]:
+    """--wandb-id/--wandb-group/--wandb-dir for a training stage's run: one wandb run per flow run and stage (a
+    retried attempt of the flow run resumes it; the next night's run is a new one), the flow run's stages in one
+    group, and the run directories in the store's wandb/ (wandb.init(dir=<store>) writes <store>/wandb/), where
+    a rebuilt artifact does not take last night's offline run with it."""
     from prefect.runtime import flow_run
 
     if not flow_run.id:
         return []
-    return [f"--wandb-id={run}-{str(flow_run.id)[:8]}", f"--wandb-group={flow_run.name or flow_run.id}"]
+    return [f"--wandb-id={run}-{str(flow_run.id)[:8]}", f"--wandb-group={flow_run.name or flow_run.id}",
+            f"--wandb-dir={store}"]
 
 
 def torchrun_options(cfg) -> dict:
@@ -102,10 +105,11 @@ def torchrun_options(cfg) -> dict:
 def run_torchrun(module: str, args: list[str], *, log_path: Path, log=print, nproc_per_node: int = 1,
                  nnodes: int = 1, node_rank: int = 0, rdzv_endpoint: str | None = None,
                  omp_num_threads: int | None = None, env: dict | None = None, hang_timeout_s: float | None = None,
-                 time_limit_s: float | None = None) -> None:
+                 time_limit_s: float | None = None, flow_deadline: dict | None = None) -> None:
     """Run `module` under torchrun; raise TorchrunError (or TorchrunCancelled / TorchrunHung) if it fails.
 
-    `hang_timeout_s`: stop it when it prints nothing for that long; `time_limit_s`: when it runs longer."""
+    `hang_timeout_s`: stop it when it prints nothing for that long; `time_limit_s`: when it runs longer;
+    `flow_deadline` ({"at": epoch seconds, "limit_s": the flow's limit}): when the flow run's time is up."""
     cmd = torchrun_command(module, args, nproc_per_node=nproc_per_node, nnodes=nnodes, node_rank=node_rank,
                            rdzv_endpoint=rdzv_endpoint)
     child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
@@ -147,6 +151,9 @@ def run_torchrun(module: str, args: list[str], *, log_path: Path, log=print, npr
                             f"{tail[-1].rstrip() if tail else '(none)'}")
                 elif time_limit_s is not None and now - started > time_limit_s:
                     hung = f"ran longer than its limit of {time_limit_s:g} s (runtime.stage_timeout_s)"
+                elif flow_deadline is not None and time.time() > flow_deadline["at"]:
+                    hung = (f"was still running when the flow run reached its time limit of "
+                            f"{flow_deadline['limit_s']:g} s (runtime.flow_timeout_s)")
                 if hung:
                     log(f"stopping {module}: it {hung}")
                     break

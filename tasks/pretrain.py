@@ -71,7 +71,7 @@ def pretrain_stage(section: dict, upstream: dict, store: str, options: dict, reb
         args = train_arguments(section, options["excluded"]) + [
             f"--out-dir={run_dir}", f"--data-dir={upstream['shards']['path']}",
             f"--tokenizer-dir={upstream['tokenizer']['path']}", "--resume=auto", f"--wandb-mode={options['wandb_mode']}",
-            *wandb_arguments(options["excluded"]["run"]),
+            *wandb_arguments(options["excluded"]["run"], store),
         ]
         if "eval_bundle" in upstream:  # CORE during training (core_metric_every > 0)
             args.append(f"--bundle-dir={Path(upstream['eval_bundle']['path']) / BUNDLE_DIR}")

@@ -84,7 +84,7 @@ def sft_stage(section: dict, upstream: dict, store: str, options: dict, rebuild:
         run_dir = work / "run"
         args = [f"--checkpoint-dir={Path(upstream['pretrain']['path']) / 'checkpoint'}",
                 f"--tokenizer-dir={upstream['tokenizer']['path']}", f"--out-dir={run_dir}", "--resume=auto",
-                f"--run={options['run']}", f"--wandb-mode={options['wandb_mode']}", *wandb_arguments(options["run"]),
+                f"--run={options['run']}", f"--wandb-mode={options['wandb_mode']}", *wandb_arguments(options["run"], store),
                 *sft_arguments(section, options)]
         planned = section["num_iterations"] if section["num_iterations"] > 0 else None  # else one pass, length unknown
         with TrainingProgress("sft", run_dir / "metrics.jsonl", planned, logger.warning):

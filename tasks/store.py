@@ -155,7 +155,7 @@ def _is_temp_file(p: Path) -> bool:
 VOLATILE_JSON_KEYS = frozenset({
     "total_training_time", "timed_steps", "tok_per_sec", "mfu", "peak_memory_mib", "elapsed_s", "train_seconds",
     "out_dir", "data_dir", "tokenizer_dir", "bundle_dir", "checkpoint_dir", "chat_eval_dir",
-    "run", "wandb_mode", "wandb_id", "wandb_group", "save_every", "keep_checkpoints", "resume", "resume_from_step", "attention_reason",
+    "run", "wandb_mode", "wandb_id", "wandb_group", "wandb_dir", "save_every", "keep_checkpoints", "resume", "resume_from_step", "attention_reason",
 })
 
 

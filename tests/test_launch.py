@@ -57,10 +57,16 @@ def test_silent_torchrun_is_stopped_by_the_watchdog_naming_its_last_line(tmp_pat
     assert not processes_mentioning(str(tmp_path))  # torchrun and its rank are gone
 
 
-def test_torchrun_past_its_time_limit_is_stopped(tmp_path):
-    with pytest.raises(TorchrunHung, match=r"ran longer than its limit of 4 s"):
-        run_torchrun(WORKER, ["chatty", str(tmp_path)], log_path=tmp_path / "log.txt", hang_timeout_s=60,
-                     time_limit_s=4)
+@pytest.mark.parametrize("limit", ["stage", "flow"])
+def test_torchrun_past_its_time_limit_is_stopped(tmp_path, limit):
+    # The stage's own limit, or the flow run's deadline (flows/speedrun.py passes it to every torchrun stage).
+    if limit == "stage":
+        kwargs, message = {"time_limit_s": 4}, r"ran longer than its limit of 4 s \(runtime.stage_timeout_s\)"
+    else:
+        kwargs = {"time_limit_s": 600, "flow_deadline": {"at": time.time() + 4, "limit_s": 1234}}
+        message = r"still running when the flow run reached its time limit of 1234 s \(runtime.flow_timeout_s\)"
+    with pytest.raises(TorchrunHung, match=message):
+        run_torchrun(WORKER, ["chatty", str(tmp_path)], log_path=tmp_path / "log.txt", hang_timeout_s=60, **kwargs)
     assert not processes_mentioning(str(tmp_path))
 
 
