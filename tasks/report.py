@@ -1,4 +1,4 @@
-"""The report stage: report.md, the val_bpb plot, summary.json, submission.md and the regression gate.
+"""The report stage: report.md, the val_bpb plot, summary.json and submission.md, and where the regression gate runs.
 
 The last stage of the pipeline. It reads whichever upstream artifacts the run produced (a run stopped
 with --until, or one without the chat stages, gets "not run" sections) and writes into its artifact:
@@ -14,19 +14,27 @@ with --until, or one without the chat stages, gets "not run" sections) and write
     submission.md   what a leaderboard PR needs: hours, CORE (and whether it beats GPT-2's 0.256525),
                     val bpb, FLOPs, the exact launch command, the commit
 
-The report (plots inline), the CORE table and the trend are published as Prefect artifacts and the summary goes to wandb
-(offline unless runtime.wandb_mode=online). With report.regression on, the summary is compared with
-deployments/baselines/<preset>.yaml and `RegressionDetected` is raised naming every failing metric.
-The gate raises after the files are written (so the failing report can be read) but before the
-manifest, so a regressed report is never an artifact and never a cache record: every run that regresses
-raises again. A passing report is cached like any stage: its key holds the baseline it passed.
+The report (plots inline), the CORE table and the trend are published as Prefect artifacts (the trend under
+a key per deployment, so the nightly's trend is not mixed with manual runs) and the summary goes to wandb
+(offline unless runtime.wandb_mode=online).
 
-    python -m tasks.report --write-baseline d12 <store>/stages/report/<key>/summary.json
+The regression verdict is decided in tasks/verdict.py (`judge`: the baseline and the recent history; how to
+record a baseline) and rendered here into report.md (`regression_block`). Its one-line form (`verdict_line`)
+is the report stage's `verdict_line` metric, which the flow makes its final state's message.
+
+With report.regression on, the gate (tasks/verdict.py `gate`) raises after the files are written (so the
+failing report can be read) but before the manifest, so a regressed report is never an artifact and never a
+cache record: every run that regresses raises again. A passing report is cached like any stage. Its key
+(`report_section`) holds the baseline it passed and what the history verdict depends on (`history_section`):
+the digest of the preset's passing history entries other than this run's own, told apart by `run_identity`
+(the pretraining's config and code: all the flow knows of it when it starts, before the pretrain artifact
+exists; the identity itself is an option, not in the key). A rerun finds the same digest and stays Cached; a
+new passing run of another pretraining changes it, so the report is rebuilt against the new history, and a
+rebuild over unchanged numbers appends no history entry (tasks/history.py is_repeat), so reruns settle.
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 import os
@@ -35,7 +43,6 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -45,13 +52,16 @@ from prefect.logging import get_run_logger
 
 from tasks.cache import StageOutput, run_stage, stage_task
 from tasks.config import ConfigError, SpeedrunConfig, build_config, load_config
-from tasks.history import append_history, plot_trend, read_history, trend, trend_markdown, trend_rows
+from tasks.environment import package_version
+from tasks.history import append_history, history_digest, plot_trend, read_history, trend, trend_markdown, trend_rows
 from tasks.plots import save_png, two_panels
 from tasks.stages import STAGES as STAGE_REGISTRY
-from tasks.store import PROJECT_ROOT, atomic_write_bytes, atomic_write_json, git_commit, read_manifest
+from tasks.stages import code_fingerprint, key_section
+from tasks.store import atomic_write_bytes, atomic_write_json, canonical_json, git_commit, read_manifest, sha256_bytes
+from tasks.verdict import (HISTORY_MIN_RUNS, HISTORY_REL_FLOOR, HISTORY_SIGMAS, check_baseline, curve_failures,
+                           format_value, gate, history_verdict, judge, verdict_line)
 
 REPORT = STAGE_REGISTRY["report"]
-BASELINES_DIR = PROJECT_ROOT / "deployments" / "baselines"
 DEPLOYED_PRESETS = ("smoke", "cpu", "d12", "d20", "d24", "d26")  # prefect.yaml: speedrun/<preset>
 GPT2_CORE = 0.256525  # CORE of OpenAI's GPT-2 1.6B checkpoint: the leaderboard's bar (spec/10 §2)
 STAGES = {name: stage.title for name, stage in STAGE_REGISTRY.items() if name != "report"}  # report order, titles
@@ -74,36 +84,58 @@ SUMMARY_SOURCES = {
     "hardware": [("pretrain", "device")],
     "world_size": [("pretrain", "world_size")],
 }
-# Baseline metrics: which direction is better.
-DIRECTIONS = {"min_val_bpb": "lower", "val_bpb": "lower", "sft_min_val_bpb": "lower", "total_training_time": "lower",
-              "core_metric": "higher", "chatcore": "higher", "mfu": "higher", "tok_per_sec": "higher"}
-
-
-class RegressionDetected(Exception):
-    """The run is worse than its baseline by more than the tolerance on at least one metric."""
-
-    def __init__(self, baseline: str, failures: list[dict]):
-        self.baseline, self.failures = baseline, failures
-        lines = [f"{f['metric']}: value {_fmt(f['value'])} vs baseline {_fmt(f['baseline'])} "
-                 f"({f['direction']} is better, tolerance {_fmt(f['tolerance'])})" for f in failures]
-        super().__init__(f"regression against baseline {baseline!r}:\n" + "\n".join(f"  - {l}" for l in lines))
-
-    def __reduce__(self):  # pickles (Prefect persists task exceptions) with the constructor's real arguments
-        return type(self), (self.baseline, self.failures)
 
 
 # ---------------------------------------------------------------------------------------------
 # what the flow passes in
 
 def report_section(cfg: SpeedrunConfig) -> dict:
-    """The config the report renders, without machine paths, and the baseline it must pass (if on)."""
+    """The config the report renders, without machine paths, the baseline it must pass (if on), and what the
+    history comparison depends on (`history_section`)."""
     return {"preset": cfg.preset, "config": portable_config(cfg), "gpu_hour_cost": cfg.report.gpu_hour_cost,
-            "regression": check_baseline(cfg)}
+            "regression": check_baseline(cfg), "history": history_section(cfg)}
 
 
 def report_options(cfg: SpeedrunConfig) -> dict:
-    """Not in the key: where to log, and the launch commands (they may hold this machine's paths)."""
-    return {"wandb_mode": cfg.runtime.wandb_mode, "run": f"{cfg.preset}-report", "launch": launch_commands(cfg)}
+    """Not in the key: where to log, the launch commands (they may hold this machine's paths), the deployment,
+    whose name keys the trend artifact, and the run's identity, which its history entry records (in the key it
+    would rebuild the report after an edit that leaves pretraining's output unchanged)."""
+    return {"wandb_mode": cfg.runtime.wandb_mode, "run": f"{cfg.preset}-report", "launch": launch_commands(cfg),
+            "deployment": deployment_name(), "run_identity": run_identity(cfg)}
+
+
+def deployment_name() -> str | None:
+    """The Prefect deployment running this flow (`nightly` for speedrun/nightly); None outside one."""
+    from prefect.runtime import deployment  # works anywhere: None outside a deployment run
+
+    return deployment.name
+
+
+def run_identity(cfg: SpeedrunConfig) -> str:
+    """What decides the pretraining's numbers, as far as the flow knows when it starts: the data, tokenizer and
+    pretrain options in their keys, world size, device type, attention, torch, and the code those stages run.
+
+    It stands in for the pretrain artifact, which exists only later: equal for a rerun of the same recipe, so a
+    run's own history entries can be told apart before it trains (`history_section`). It may differ where the
+    artifact does not (an edit that changes no bits, a launch option of the data) or agree where the artifact
+    differs (other data behind the same source): either costs at most one extra report rebuild, never a stale
+    verdict, since the comparison itself tells runs apart by the pretrain artifact's content.
+    """
+    pretrain = {**key_section(STAGE_REGISTRY["pretrain"], cfg.pretrain), "world_size": cfg.runtime.world_size,
+                "device_type": cfg.pretrain.device_type or cfg.runtime.device_type or "auto",
+                "attention": cfg.runtime.attention}
+    code = {name: code_fingerprint(STAGE_REGISTRY[name], pretrain if name == "pretrain" else None)
+            for name in ("shards", "tokenizer", "pretrain")}
+    return sha256_bytes(canonical_json({
+        "data": key_section(STAGE_REGISTRY["shards"], cfg.data),
+        "tokenizer": key_section(STAGE_REGISTRY["tokenizer"], cfg.tokenizer), "pretrain": pretrain,
+        "torch": package_version("torch"), "code": code}))
+
+
+def history_section(cfg: SpeedrunConfig) -> dict:
+    """What the report's key holds of the history, read when the flow starts: the digest of the preset's passing
+    runs other than this run's own (tasks/history.py history_digest)."""
+    return {"digest": history_digest(read_history(cfg.runtime.store, cfg.preset), cfg.preset, run_identity(cfg))}
 
 
 def portable_config(cfg: SpeedrunConfig) -> dict:
@@ -161,62 +193,6 @@ def launch_commands(cfg: SpeedrunConfig) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# baselines and the regression gate
-
-def load_baseline(name: str, directory: Path = BASELINES_DIR) -> dict:
-    """{metric: {value, tolerance, direction}} from deployments/baselines/<name>.yaml; ConfigError if unusable."""
-    path = directory / f"{name}.yaml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in directory.glob("*.yaml"))) or "none"
-        raise ConfigError([f"report.baseline: no baseline {path.name} in deployments/baselines (have: {known}); fix: "
-                           f"--set report.baseline=<name>, or record one with python -m tasks.report --write-baseline "
-                           f"{name} <summary.json>"])
-    data = yaml.safe_load(path.read_text()) or {}
-    metrics, problems = {}, []
-    for metric, spec in (data.get("metrics") or {}).items():
-        if metric not in DIRECTIONS:
-            problems.append(f"{path.name}: unknown metric {metric!r}; fix: use one of {', '.join(DIRECTIONS)}")
-            continue
-        if not isinstance(spec, dict) or not isinstance(spec.get("value"), (int, float)):
-            problems.append(f"{path.name}: {metric} needs a numeric value, e.g. {{value: 0.75, tolerance: 0.005}}")
-            continue
-        tol = float(spec.get("tolerance", 0.0)) + abs(float(spec["value"])) * float(spec.get("rel_tolerance", 0.0))
-        if tol < 0:
-            problems.append(f"{path.name}: {metric} has a negative tolerance")
-        metrics[metric] = {"value": float(spec["value"]), "tolerance": tol, "direction": DIRECTIONS[metric]}
-    if not metrics and not problems:
-        problems.append(f"{path.name} lists no metrics; fix: record a good run with python -m tasks.report "
-                        f"--write-baseline {name} <summary.json>, or --set report.baseline=<another>")
-    if problems:
-        raise ConfigError(problems)
-    return metrics
-
-
-def check_baseline(cfg: SpeedrunConfig) -> dict | None:
-    """The baseline a run with report.regression on must pass (raises ConfigError early if it is unusable)."""
-    if not cfg.report.regression:
-        return None
-    name = cfg.report.baseline or cfg.preset
-    return {"baseline": name, "metrics": load_baseline(name)}
-
-
-def compare(summary: dict, regression: dict) -> list[dict]:
-    """One row per baseline metric: value, baseline, tolerance, direction and whether it passes."""
-    rows = []
-    for metric, spec in regression["metrics"].items():
-        value, base, tol = summary.get(metric), spec["value"], spec["tolerance"]
-        if value is None:
-            ok = False  # asked for but not measured (a stage did not run): a nightly must not pass silently
-        elif spec["direction"] == "lower":
-            ok = value <= base + tol
-        else:
-            ok = value >= base - tol
-        rows.append({"metric": metric, "value": value, "baseline": base, "tolerance": tol,
-                     "direction": spec["direction"], "ok": ok})
-    return rows
-
-
-# ---------------------------------------------------------------------------------------------
 # reading the upstream artifacts
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -257,7 +233,22 @@ def build_summary(stages: dict, preset: str) -> dict:
     summary["total_training_time_hours"] = None if t is None else t / 3600
     core = summary["core_metric"]
     summary["beats_gpt2"] = None if core is None else core > GPT2_CORE
+    summary["val_bpb_curve"] = val_bpb_curve(stages)  # what --write-baseline records as the baseline's curve
     return summary
+
+
+def val_bpb_curve(stages: dict) -> dict[str, float]:
+    """{"<step>": val bpb} of pretraining's evaluations, in step order (a step evaluated twice, as around a
+    resume, keeps its last value); steps are strings, as summary.json keeps them."""
+    points = {int(r["step"]): r["val/bpb"] for r in stages.get("pretrain", {}).get("curve", []) if "val/bpb" in r}
+    return {str(step): points[step] for step in sorted(points)}
+
+
+def run_fields(stages: dict, options: dict) -> dict:
+    """Which pretraining this report's numbers come from, for its history entry (tasks/history.py RUN_FIELDS)."""
+    record = (stages.get("pretrain") or {}).get("record") or {}
+    return {"pretrain_key": record.get("key"), "pretrain_sha256": record.get("content_sha256"),
+            "run_identity": options.get("run_identity")}
 
 
 def launch_line(stage: dict | None) -> str | None:
@@ -270,20 +261,6 @@ def launch_line(stage: dict | None) -> str | None:
 
 # ---------------------------------------------------------------------------------------------
 # rendering
-
-def _fmt(v) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, bool):
-        return str(v).lower()
-    if isinstance(v, float):
-        return f"{v:.4e}" if v != 0 and (abs(v) >= 1e7 or abs(v) < 1e-3) else f"{v:.6g}"
-    if isinstance(v, int) and abs(v) >= 10_000:
-        return f"{v:,}"
-    if isinstance(v, (dict, list)):
-        return "`" + json.dumps(v, separators=(", ", ": ")) + "`"
-    return str(v)
-
 
 def system_info() -> dict:
     """The machine rendering the report (the node the pipeline ran on, for a worker or local run)."""
@@ -329,10 +306,10 @@ def stage_block(name: str, stage: dict | None) -> list[str]:
     timings, commit = m.get("timings", {}), env.get("git_commit") or {}
     out += [f"- artifact: `{stage['art']}`", f"- key: `{stage['record']['key'][:16]}`",
             f"- built: {timings.get('started_at', '-')} -> {timings.get('finished_at', '-')} "
-            f"({_fmt(timings.get('seconds'))} s)",
+            f"({format_value(timings.get('seconds'))} s)",
             f"- code: {commit.get('short') or '-'}{' (dirty)' if commit.get('dirty') else ''}, torch "
             f"{env.get('torch', '-')}, host {env.get('host', '-')}, attention {env.get('attention_backend', '-')}"]
-    out += [f"- {k}: {_fmt(v)}" for k, v in stage["metrics"].items() if k not in TABLED]
+    out += [f"- {k}: {format_value(v)}" for k, v in stage["metrics"].items() if k not in TABLED]
     return out + [""]
 
 
@@ -353,36 +330,85 @@ def table(rows: list[dict]) -> list[str]:
         return []
     cols = list(rows[0])
     return ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] + \
-        ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in rows]
+        ["| " + " | ".join(format_value(r[c]) for c in cols) + " |" for r in rows]
 
 
-def regression_block(verdict: list[dict] | None, regression: dict | None) -> list[str]:
+def regression_block(verdict: dict) -> list[str]:
+    """The verdict in report.md: the baseline (metrics, val bpb curve), the recent history, PASS or FAIL."""
     out = ["## Regression check", ""]
-    if regression is None:
-        return out + ["off (`report.regression=false`)", ""]
-    failed = [r["metric"] for r in verdict if not r["ok"]]
-    rows = [{**r, "ok": "PASS" if r["ok"] else "FAIL"} for r in verdict]
-    out += table(rows) + [""]
-    if failed:
-        return out + [f"**Verdict: FAIL** against baseline `{regression['baseline']}`: {', '.join(failed)}", ""]
-    return out + [f"**Verdict: PASS**: all {len(verdict)} metrics within tolerance of baseline "
-                  f"`{regression['baseline']}`", ""]
+    if not verdict["regression"]:
+        out += ["off (`report.regression=false`): the recent history below is shown for information", ""]
+    else:
+        out += baseline_lines(verdict)
+    out += history_lines(verdict["history"])
+    if not verdict["regression"]:
+        return out
+    if verdict["failures"]:
+        return out + ["**Verdict: FAIL**:", ""] + [f"- {f['message']}" for f in verdict["failures"]] + [""]
+    compared = [f"{len(verdict['static'])} baseline metrics"] if verdict["static"] else []
+    if verdict["curve"]:
+        compared.append("the val bpb curve")
+    if verdict["history"]["compared"]:
+        compared.append(f"the last {verdict['history']['runs']} like runs")
+    return out + [f"**Verdict: PASS**: within the bands of {', '.join(compared) or 'nothing: nothing was comparable'}",
+                  ""]
+
+
+def baseline_lines(verdict: dict) -> list[str]:
+    """The baseline part of the verdict: whether it was compared (hardware), its metrics, its val bpb curve."""
+    out = [f"### Baseline `{verdict['baseline']}`", "", verdict["like"]["note"], ""]
+    if not verdict["like"]["compared"]:
+        return out
+    rows = [{**r, "ok": "PASS" if r["ok"] else "FAIL"} for r in verdict["static"]]
+    out += (table(rows) + [""]) if rows else []
+    curve = verdict["curve"]
+    if curve is not None:
+        bad = curve_failures(curve)
+        text = bad[0]["message"] if bad else (f"all {len(curve['rows'])} common eval steps within ±"
+                                               f"{curve['tolerance']:.4f} of the baseline")
+        out += [f"- val bpb curve: {'FAIL' if bad else 'PASS'}: {text}", ""]
+    return out
+
+
+def history_lines(history: dict) -> list[str]:
+    """The recent-history part of the verdict: which runs, and each metric's median, band and result."""
+    out = ["### Recent history", ""]
+    like = f"passing runs of this preset on {history['machine']}, one per pretraining, this run's own left out"
+    if not history["compared"]:
+        return out + [f"history: {history['runs']} of {HISTORY_MIN_RUNS} like runs, not compared ({like})", ""]
+    out += [f"The last {history['runs']} {like} (commits {', '.join(history['commits'])}); band: median ± "
+            f"max({HISTORY_SIGMAS} x 1.4826 x MAD, the baseline's tolerance, {HISTORY_REL_FLOOR:.1%} of the median); "
+            "only the worse side fails.", ""]
+    rows = [{"metric": r["metric"], "value": r["value"], "median": r["median"],
+             "band": "-" if r["low"] is None else f"[{format_value(r['low'])}, {format_value(r['high'])}]",
+             "runs": r["runs"], "ok": _history_ok(r)} for r in history["rows"]]
+    return out + table(rows) + [""]
+
+
+def _history_ok(row: dict) -> str:
+    """A history row's result as the table shows it, saying why a metric was not compared."""
+    if row["ok"] is None:
+        return "not compared (not measured)" if row["value"] is None else "not compared (too few runs measured it)"
+    if row["ok"]:
+        return "PASS"
+    return "FAIL" if row["gates"] else "worse (shown only: CPU time varies with load)"
 
 
 def render_report(section: dict, stages: dict, summary: dict, verdict, cost: dict, system: dict,
-                  launch: dict, now: datetime) -> str:
+                  launch: dict, now: datetime, offline: list[str] = ()) -> str:
+    """report.md; `offline`: this run's offline wandb run directories, listed with their `wandb sync`."""
     head = git_commit()
     out = [f"# Speedrun report: {section['preset']}", "",
            f"- date: {now.isoformat(timespec='seconds')}",
-           f"- git commit: {head.get('sha') or 'unknown'} (dirty: {_fmt(head.get('dirty'))})",
-           f"- training code commit: {summary['commit'] or 'unknown'} (dirty: {_fmt(summary['dirty'])})",
-           f"- hardware: {system['platform']}, {system['cpus']} CPUs, {_fmt(system['ram_gb'])} GB RAM, GPUs: "
+           f"- git commit: {head.get('sha') or 'unknown'} (dirty: {format_value(head.get('dirty'))})",
+           f"- training code commit: {summary['commit'] or 'unknown'} (dirty: {format_value(summary['dirty'])})",
+           f"- hardware: {system['platform']}, {system['cpus']} CPUs, {format_value(system['ram_gb'])} GB RAM, GPUs: "
            f"{'; '.join(system['gpus']) or 'none'}",
            f"- software: python {system['python']}, torch {system['torch']}, prefect {system['prefect']}, "
            f"wandb {system['wandb']}",
            f"- attention: {summary['attention_backend'] or '-'} ({summary['attention_reason'] or 'not recorded'})",
            f"- launch: `{launch.get('cli', '-')}`", "", "## Summary", ""]
-    out += table([{"metric": k, "value": v} for k, v in summary.items()]) + [""]
+    out += table([{"metric": k, "value": v} for k, v in summary.items() if k != "val_bpb_curve"]) + [""]
     headline = [{"metric": "CORE", "BASE": summary["core_metric"], "SFT": None}]
     headline += [{"metric": r["task"], "BASE": None, "SFT": r["accuracy"]} for r in sorted(chat_rows(stages),
                                                                                           key=lambda r: r["task"])]
@@ -391,7 +417,7 @@ def render_report(section: dict, stages: dict, summary: dict, verdict, cost: dic
     out += [f"- cost: {cost['gpus']} GPU(s) ({cost['device']}) at ${cost['gpu_hour_cost']:.2f}/GPU-hour: "
             f"pretraining ${cost['training_cost']:.2f}, all stages (wall {cost['stage_wall_s']:.0f} s) "
             f"${cost['pipeline_cost']:.2f}", ""]
-    out += regression_block(verdict, section["regression"])
+    out += regression_block(verdict)
     for name in STAGES:
         out += stage_block(name, stages.get(name))
         if name == "pretrain" and name in stages:
@@ -407,9 +433,7 @@ def render_report(section: dict, stages: dict, summary: dict, verdict, cost: dic
                                                       for s in samples] + ["```"] if samples else ["none"]) + [""]
         if name == "chat_eval" and name in stages:
             out += ["### Chat tasks", ""] + (table(chat_rows(stages)) or ["no tasks"])
-            out += ["", f"ChatCORE: {_fmt(summary['chatcore'])}", ""]
-    offline = [d for name in ("pretrain", "sft") if name in stages
-               for d in sorted((stages[name]["art"] / "work" / "run" / "wandb").glob("offline-run-*"))]
+            out += ["", f"ChatCORE: {format_value(summary['chatcore'])}", ""]
     if offline:  # offline wandb runs stay on the node until someone uploads them
         out += ["## wandb", "", "Offline runs of this pipeline; upload them with:", "", "```"] + \
             [f"wandb sync {d}" for d in offline] + ["```", ""]
@@ -438,11 +462,11 @@ def render_submission(section: dict, stages: dict, summary: dict, launch: dict, 
             ("commit", summary["commit"]), ("hardware", f"{pre.get('world_size', '?')} x {pre.get('device', '?')}"),
             ("attention", summary["attention_backend"])]
     out = [f"# Leaderboard submission: {section['preset']}", "", "| field | value |", "|---|---|"]
-    out += [f"| {k} | {_fmt(v)} |" for k, v in rows]
+    out += [f"| {k} | {format_value(v)} |" for k, v in rows]
     out += ["", "Leaderboard row (dev/LEADERBOARD.md):", "", "| # | time (h) | val_bpb | CORE | description | date | commit |",
             "|---|---|---|---|---|---|---|",
-            f"| ? | {'-' if hours is None else f'{hours:.2f}'} | {_fmt(summary['min_val_bpb'])} | {_fmt(core)} | "
-            f"<what changed> | {now.strftime('%b %d %Y')} | {summary['commit'] or '-'} |", "",
+            f"| ? | {'-' if hours is None else f'{hours:.2f}'} | {format_value(summary['min_val_bpb'])} | "
+            f"{format_value(core)} | <what changed> | {now.strftime('%b %d %Y')} | {summary['commit'] or '-'} |", "",
             "## Launch command", "", "```bash", launch.get("cli", "-"), "```", "",
             "As a deployment run:", "", "```bash", launch.get("deployment", "-"), "```", "",
             "Pretraining as the pipeline launched it:", "", "```bash", launch_line(stages.get("pretrain")) or "-", "```", ""]
@@ -471,32 +495,28 @@ def plot_val_bpb(curve: list[dict], path: Path, title: str) -> None:
 # the stage
 
 def write_report(section: dict, upstream: dict, out: Path, options: dict | None = None,
-                 now: datetime | None = None) -> dict:
+                 now: datetime | None = None, history: list[dict] | None = None) -> dict:
     """Write report.md, val_bpb.png, summary.json and submission.md into `out`; no Prefect needed.
 
-    Returns {"summary", "verdict", "core_rows", "chat_rows", "report"}; verdict is None with regression off.
+    `history`: the preset's history entries as read from the store before this run's (tasks/history.py).
+    Returns {"summary", "verdict" (`judge`), "run" (this run's pretraining, for its history entry),
+    "core_rows", "chat_rows", "report"}.
     """
     options = options or {}
     now = now or datetime.now(timezone.utc)
     stages = gather(upstream)
     summary = build_summary(stages, section["preset"])
-    verdict = compare(summary, section["regression"]) if section["regression"] else None
+    run = run_fields(stages, options)
+    verdict = judge(summary, summary["val_bpb_curve"], section["regression"], history or [], run)
     launch = options.get("launch") or {}
     plot_val_bpb(stages.get("pretrain", {}).get("curve", []), out / "val_bpb.png", f"{section['preset']}: pretraining")
     report = render_report(section, stages, summary, verdict, cost_estimate(stages, section["config"],
-                           section["gpu_hour_cost"]), system_info(), launch, now)
+                           section["gpu_hour_cost"]), system_info(), launch, now, options.get("wandb_runs", []))
     atomic_write_bytes(out / "report.md", report.encode())
     atomic_write_bytes(out / "submission.md", render_submission(section, stages, summary, launch, now).encode())
     atomic_write_json(out / "summary.json", summary)
-    return {"summary": summary, "verdict": verdict, "core_rows": core_rows(stages), "chat_rows": chat_rows(stages),
-            "report": report}
-
-
-def gate(section: dict, result: dict) -> None:
-    """Raise RegressionDetected naming every metric that misses the baseline (nothing if regression is off)."""
-    failures = [r for r in result["verdict"] or [] if not r["ok"]]
-    if failures:
-        raise RegressionDetected(section["regression"]["baseline"], failures)
+    return {"summary": summary, "verdict": verdict, "run": run, "core_rows": core_rows(stages),
+            "chat_rows": chat_rows(stages), "report": report}
 
 
 def artifact_key(preset: str, what: str) -> str:
@@ -507,8 +527,7 @@ def artifact_key(preset: str, what: str) -> str:
 def add_trend(result: dict, preset: str, out: Path, store_root: Path) -> None:
     """Record this run in the preset's history (tasks/history.py), then add the trend of like runs to the
     report: a section in report.md, trend.png, and the rows for the trend table artifact."""
-    verdict = None if result["verdict"] is None else ("pass" if all(r["ok"] for r in result["verdict"]) else "fail")
-    entry = append_history(store_root, result["summary"], verdict)
+    entry = append_history(store_root, result["summary"], history_verdict(result["verdict"]), result["run"])
     rows = trend_rows(trend(read_history(store_root, preset), entry))
     plot_trend(rows, out / "trend.png", f"{preset} on {entry['world_size'] or '?'} x {entry['hardware'] or '?'}")
     result["trend_rows"] = rows
@@ -517,7 +536,9 @@ def add_trend(result: dict, preset: str, out: Path, store_root: Path) -> None:
     atomic_write_bytes(out / "report.md", result["report"].encode())
 
 
-def publish(result: dict, preset: str, out: Path | None = None) -> None:
+def publish(result: dict, preset: str, out: Path | None = None, deployment: str | None = None) -> None:
+    """The report, CORE, chat-eval and trend artifacts; the trend is keyed by the deployment where there is one
+    (speedrun/nightly's trend is the nightly's, not mixed with manual runs of the same preset)."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     markdown = result["report"]
@@ -534,7 +555,7 @@ def publish(result: dict, preset: str, out: Path | None = None) -> None:
         create_table_artifact(key=artifact_key(preset, "chat-eval"), table=result["chat_rows"],
                               description="chat-eval accuracy per task")
     if result.get("trend_rows"):  # a stable key: the UI's artifact page keeps the trend night after night
-        create_table_artifact(key=artifact_key(preset, "trend"), table=result["trend_rows"],
+        create_table_artifact(key=artifact_key(deployment or preset, "trend"), table=result["trend_rows"],
                               description=f"the last {len(result['trend_rows'])} {preset} runs on this hardware")
 
 
@@ -547,10 +568,21 @@ def log_wandb(summary: dict, options: dict, work: Path, log) -> None:
 
         run = wandb.init(project="speedrun", name=options.get("run", "report"), job_type="report",
                          mode=options.get("wandb_mode", "offline"), dir=str(work), config={"preset": summary["preset"]})
-        run.summary.update({k: v for k, v in summary.items() if v is not None})
+        # scalars only: the val bpb curve is pretraining's own wandb history already
+        run.summary.update({k: v for k, v in summary.items() if v is not None and not isinstance(v, dict)})
         run.finish()
     except Exception as e:  # noqa: BLE001 - a wandb outage must not fail a finished pipeline
         log(f"report: the summary was not logged to wandb ({type(e).__name__}: {e})")
+
+
+def offline_wandb_runs(store: str | Path) -> list[str]:
+    """This flow run's offline wandb runs: the training stages write them to <store>/wandb/, with ids ending in
+    the flow run's id (tasks/launch.py wandb_arguments)."""
+    from prefect.runtime import flow_run
+
+    if not flow_run.id:
+        return []
+    return [str(d) for d in sorted((Path(store) / "wandb").glob(f"offline-run-*-{str(flow_run.id)[:8]}"))]
 
 
 @stage_task(REPORT)
@@ -558,48 +590,17 @@ def report_stage(section: dict, upstream: dict, store: str, options: dict, rebui
     logger = get_run_logger()
 
     def build(art: Path, work: Path) -> StageOutput:
-        result = write_report(section, upstream, art, options)
+        history = read_history(store, section["preset"])  # before this run's entry is appended
+        result = write_report(section, upstream, art, {**options, "wandb_runs": offline_wandb_runs(store)},
+                              history=history)
         add_trend(result, section["preset"], art, Path(store))
-        publish(result, section["preset"], art)
+        publish(result, section["preset"], art, options.get("deployment"))
         log_wandb(result["summary"], options, work, logger.warning)
         logger.info(f"report: {art / 'report.md'} and {art / 'submission.md'}")
         gate(section, result)  # after the files and artifacts exist, before the manifest: a failure is never cached
-        if result["verdict"] is not None:
-            logger.info(f"report: no regression against baseline {section['regression']['baseline']!r}")
-        return StageOutput(metrics={**result["summary"], "regression": None if result["verdict"] is None else "pass"})
+        line = verdict_line(result["summary"], result["verdict"])
+        logger.info(f"report: {line}")
+        metrics = {k: v for k, v in result["summary"].items() if k != "val_bpb_curve"}  # in summary.json
+        return StageOutput(metrics={**metrics, "regression": history_verdict(result["verdict"]), "verdict_line": line})
 
     return run_stage(REPORT, section, upstream, store, rebuild, build)
-
-
-# ---------------------------------------------------------------------------------------------
-# recording a baseline from a good run
-
-DEFAULT_TOLERANCES = {"min_val_bpb": {"tolerance": 0.005}, "val_bpb": {"tolerance": 0.01},
-                      "core_metric": {"tolerance": 0.015}, "chatcore": {"tolerance": 0.03},
-                      "total_training_time": {"rel_tolerance": 0.05}}
-
-
-def baseline_from_summary(summary: dict, note: str) -> str:
-    metrics = {m: {"value": summary[m], **tol} for m, tol in DEFAULT_TOLERANCES.items() if summary.get(m) is not None}
-    return f"# {note}\n" + yaml.safe_dump({"preset": summary.get("preset"), "commit": summary.get("commit"),
-                                           "metrics": metrics}, sort_keys=False)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tasks.report", description="Record a regression baseline.")
-    p.add_argument("--write-baseline", metavar="NAME", required=True, help="deployments/baselines/NAME.yaml")
-    p.add_argument("summary", type=Path, help="a report artifact's summary.json")
-    p.add_argument("--dir", type=Path, default=BASELINES_DIR, help="baselines directory (default: %(default)s)")
-    args = p.parse_args(argv)
-    summary = json.loads(args.summary.read_text())
-    text = baseline_from_summary(summary, f"recorded from {args.summary} (commit {summary.get('commit')}); "
-                                          "edit the tolerances to taste")
-    path = args.dir / f"{args.write_baseline}.yaml"
-    atomic_write_bytes(path, text.encode())
-    load_baseline(args.write_baseline, args.dir)  # what the gate will read must parse
-    print(f"wrote {path}:\n{text}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
