@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
+from prefect.states import Completed
 
 from tasks.base_eval import base_eval_options, base_eval_section, base_eval_stage
 from tasks.cache import record_name, with_store
@@ -52,8 +54,16 @@ def stages_to_refresh(refresh: list[str] | str | None, graph: dict[str, tuple[st
     return downstream_of(names, graph or stage_graph())
 
 
+class FlowTimeLimitReached(RuntimeError):
+    """The flow run used up runtime.flow_timeout_s (default: twice the plan's expected duration)."""
+
+
 class StageRunner:
-    """Runs stage tasks against one store and records each one's state, key, wall time and artifact."""
+    """Runs stage tasks against one store and records each one's state, key, wall time and artifact.
+
+    It also holds the flow run's time limit: a stage does not start past it, and a torchrun stage running
+    when it passes is stopped (its ranks save a checkpoint), so an overlong run fails instead of holding the
+    node. A Retry is a new attempt with the whole limit again."""
 
     def __init__(self, cfg: SpeedrunConfig, refresh: list[str] | str | None, graph: dict[str, tuple[str, ...]],
                  until: str | None = None, resume: list[str] | str | None = None, verify: bool = False):
@@ -63,6 +73,7 @@ class StageRunner:
         self.refresh = stages_to_refresh(refresh, graph)
         self.resume = stages_to_refresh(resume, graph)  # the first attempt's refresh, on a retry
         self.until = until
+        self.deadline = {"at": time.time() + cfg.flow_time_limit_s, "limit_s": cfg.flow_time_limit_s}
         self.stages: dict[str, dict] = {}
         self.artifacts: dict[str, dict] = {}
 
@@ -76,10 +87,18 @@ class StageRunner:
             return None
         upstream = {u: self.artifacts[u] for u in self.graph[name] if u in self.artifacts}
         t0 = time.time()
+        if t0 > self.deadline["at"]:
+            raise FlowTimeLimitReached(
+                f"the flow run reached its time limit of {self.deadline['limit_s']:g} s before stage {name} "
+                f"(runtime.flow_timeout_s; default twice the plan's expected duration); finished stages are kept, "
+                f"so a Retry continues from {name}")
+        options = dict(options or {})
+        if "torchrun" in options:  # the running stage is stopped when the flow's time is up
+            options["torchrun"] = {**options["torchrun"], "flow_deadline": self.deadline}
         if self.verify:
             self.verify_artifact(name, section, upstream)
         state = with_store(stage_task, self.store, refresh=name in self.refresh)(
-            section=section, upstream=upstream, store=str(self.store.root), options=options or {},
+            section=section, upstream=upstream, store=str(self.store.root), options=options,
             rebuild="fresh" if name in self.refresh else ("resume" if name in self.resume else None),
             return_state=True)
         record = state.result()  # raises the stage's exception if it failed
@@ -103,10 +122,16 @@ class StageRunner:
 
 
 def run_name() -> str:
-    """The flow run's name: `<preset>-<short commit>-<date>`, so a list of nightly runs says what each tested."""
+    """The flow run's name: `<preset>-<short commit>-<date>`, so a list of nightly runs says what each tested.
+
+    Prefect names the run again at every attempt; a Retry keeps the name its first attempt got (the wandb
+    group of its stages, and what the team saw in the alert)."""
+    preset = flow_run.parameters.get("preset", "smoke")
+    if re.fullmatch(rf"{re.escape(preset)}-[0-9a-z]+(-dirty)?-\d{{8}}-\d{{4}}", flow_run.name or ""):
+        return flow_run.name
     commit = git_commit()
     short = (commit["short"] or "nogit") + ("-dirty" if commit["dirty"] else "")
-    return f"{flow_run.parameters.get('preset', 'smoke')}-{short}-{time.strftime('%Y%m%d-%H%M', time.gmtime())}"
+    return f"{preset}-{short}-{time.strftime('%Y%m%d-%H%M', time.gmtime())}"
 
 
 @flow(name="speedrun", log_prints=True, flow_run_name=run_name)
@@ -159,7 +184,17 @@ def speedrun(preset: str = "smoke", overrides: dict | None = None, refresh: list
     if report:
         summary.update(report=str(Path(report["path"]) / "report.md"),
                        submission=str(Path(report["path"]) / "submission.md"), commit=report["metrics"].get("commit"))
-    return {"flow_run": str(flow_run.id), "stages": run.stages, "summary": summary}
+    # The Completed state's message is the verdict line: the UI's run list and the success alert show it.
+    return Completed(message=finished_line(cfg, report, run), data={"flow_run": str(flow_run.id),
+                                                                    "stages": run.stages, "summary": summary})
+
+
+def finished_line(cfg: SpeedrunConfig, report: dict | None, run: StageRunner) -> str:
+    """One line saying how the run ended: the report's verdict line, or where a run stopped with `until` ended."""
+    if report and report["metrics"].get("verdict_line"):
+        return report["metrics"]["verdict_line"]
+    ended = f"stopped after {run.until}" if run.stopped else "all stages"
+    return f"DONE {cfg.preset}: {ended} ({len(run.stages)} run)"
 
 
 LEADERBOARD_KEYS = ("total_training_time", "total_training_flops", "min_val_bpb", "step", "mfu", "tok_per_sec",

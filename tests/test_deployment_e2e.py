@@ -1,14 +1,20 @@
 """The deployments end to end on a real Prefect server: prefect.yaml, a process work pool, a worker.
 
-What a user does, in a copy of the repo: `prefect server start` (127.0.0.1, free port, temp PREFECT_HOME),
-`prefect work-pool create`, `prefect deploy --all`, `prefect worker start`, `prefect deployment run
-speedrun/smoke`. The first run fails the way real runs fail: the chat-eval data directory lacks
-gsm8k/test.jsonl. The test puts the file in place and retries the flow run exactly as the UI's Retry
-button does (set_state AwaitingRetry, force), then checks through the API that the retried run completed
-with every stage before the failed one Cached and the failed one and those after it executed. A second
-run is all Cached. A run cancelled mid-pretrain saves the step in flight, and its Retry resumes from it and
-ends bitwise equal to an uninterrupted run. Then a run with a baseline it cannot meet fails in the report with RegressionDetected,
-every time, and the alert automation from deployments/automations posts it to a webhook.
+What a team does, in a copy of the repo made a git repository with a bare `origin`: `prefect server start`
+(127.0.0.1, free port, temp PREFECT_HOME), `prefect work-pool create`, `prefect deploy --all`, the alert
+automations, `prefect worker start`, then `prefect deployment run speedrun/nightly` night after night.
+
+- Night 1 pulls the branch head and fails the way real runs fail: the chat-eval data directory lacks
+  gsm8k/test.jsonl. The test puts the file in place and retries the flow run exactly as the UI's Retry button
+  does (set_state AwaitingRetry, force): every stage before the failed one is Cached, the failed one and those
+  after it execute, and the success alert carries the verdict line.
+- The same run from the worker's own checkout (speedrun/smoke, same commit) is all Cached.
+- A run cancelled mid-pretrain saves the step in flight; its Retry resumes from it and ends bitwise equal to an
+  uninterrupted run.
+- A developer records night 1 as the baseline and pushes; night 2 runs that commit: two history entries, a
+  trend of two rows, run names with their commits, one wandb run per night.
+- A commit that moves one step of the baseline's val bpb curve out of reach fails the report naming the step,
+  on every run, and the failure alert carries it. A pull that fails fails the run before any stage.
 
 The smoke preset is shrunk with the `overrides` parameter (fewer steps, a 3-task CORE bundle, two problems
 per chat task) so the whole test stays within a few minutes on 2 cores.
@@ -131,9 +137,44 @@ def small_bundle(shared_data: Path, dest: Path) -> Path:
     return dest
 
 
-def run_deployment(params: dict, env: dict, cwd: Path) -> str:
-    out = prefect("deployment", "run", "speedrun/smoke", "--params", json.dumps(params), env=env, cwd=cwd)
+def run_deployment(params: dict, env: dict, cwd: Path, deployment: str = "smoke") -> str:
+    out = prefect("deployment", "run", f"speedrun/{deployment}", "--params", json.dumps(params), env=env, cwd=cwd)
     return re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
+
+
+def git(*args: str, cwd: Path) -> str:
+    """git with a fixed identity (CI machines have none configured)."""
+    proc = subprocess.run(["git", "-c", "user.name=e2e", "-c", "user.email=e2e@example.com", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, f"git {' '.join(args)} failed:\n{proc.stderr}"
+    return proc.stdout.strip()
+
+
+def commit_and_push(dev: Path, message: str) -> str:
+    """Commit everything in the developer's clone and push it to the branch the nightly pulls."""
+    git("add", "-A", cwd=dev)
+    git("commit", "-q", "-m", message, cwd=dev)
+    git("push", "-q", "origin", "HEAD:main", cwd=dev)
+    return git("rev-parse", "--short=7", "HEAD", cwd=dev)
+
+
+def wait_for_body(hook: "Webhook", *needles: str, timeout_s: float = 90) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for body in list(hook.bodies):
+            if all(n in body for n in needles):
+                return body
+        time.sleep(1)
+    raise AssertionError(f"no webhook POST contains {needles}; got {hook.bodies}")
+
+
+def artifacts_of(client, run_id: str) -> dict:
+    """{key: data} of a flow run's artifacts, the newest version of each key."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
+    return {a.key: (json.loads(a.data) if isinstance(a.data, str) and a.type == "table" else a.data)
+            for a in sorted(found, key=lambda a: a.created)}
 
 
 def wait_final(client, run_id: str, timeout_s: float = 420, worker_log: Path | None = None):
@@ -196,32 +237,52 @@ def read_artifact(client, key: str, run_id: str):
 
 
 @pytest.mark.slow
-def test_deploy_run_fail_retry_like_the_ui_rerun_cached_and_regression_alert(shared_data, tmp_path):
+def test_nightly_of_the_branch_head_fail_retry_cached_cancel_resume_trend_and_alerts(shared_data, tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.states import State, StateType
 
-    repo = tmp_path / "repo"  # a fresh checkout: the worker's SPEEDRUN_PROJECT_DIR
+    # A team's repository: `origin` (bare) holds branch main, the worker's checkout `repo` deploys from it and
+    # stays at the first commit, and a developer pushes to main between nights from `dev`.
+    repo = tmp_path / "repo"
     shutil.copytree(REPO_ROOT, repo, ignore=shutil.ignore_patterns(".git", "__pycache__", "*.egg-info", ".pytest_cache",
                                                                    "wandb", ".venv", "s1.json", "s2.json"))
+    git("init", "-q", "-b", "main", cwd=repo)
+    (repo / "deployments" / "baselines" / "e2e-nightly.yaml").write_text(yaml.safe_dump(  # the gate, loose at first
+        {"preset": "smoke", "metrics": {"min_val_bpb": {"value": 3.0, "tolerance": 10.0}}}))
+    git("add", "-A", cwd=repo)
+    git("commit", "-q", "-m", "night 1", cwd=repo)
+    origin = tmp_path / "origin.git"
+    subprocess.run(["git", "clone", "-q", "--bare", str(repo), str(origin)], check=True, timeout=120)
+    git("remote", "add", "origin", str(origin), cwd=repo)
+    dev = tmp_path / "dev"
+    subprocess.run(["git", "clone", "-q", str(origin), str(dev)], check=True, timeout=120)
+    first = git("rev-parse", "--short=7", "HEAD", cwd=repo)
+
     chat_data = tmp_path / "chat_eval"
     shutil.copytree(shared_data / "chat_eval", chat_data)
     gsm8k = chat_data / "gsm8k" / "test.jsonl"
     gsm8k.unlink()  # not downloaded yet: the chat_eval stage will fail on it
     bundle = small_bundle(shared_data, tmp_path / "bundle")
-    params = {"mirror": str(shared_data),
-              "overrides": {**SHRINK, "chat_eval.data_dir": str(chat_data), "base_eval.bundle": str(bundle)}}
+    shrunk = {**SHRINK, "chat_eval.data_dir": str(chat_data), "base_eval.bundle": str(bundle)}
+    # speedrun/nightly with the smoke preset: every stage refreshed (the deployment's default), gated
+    nightly = {"preset": "smoke", "mirror": str(shared_data),
+               "overrides": {**shrunk, "report.regression": True, "report.baseline": "e2e-nightly"}}
+    store = tmp_path / "store"
 
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "SPEEDRUN_"))}
     env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_API_URL=api, DO_NOT_TRACK="1",
-               PREFECT_SERVER_ANALYTICS_ENABLED="false", PYTHONPATH=str(repo), WANDB_MODE="offline")
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", WANDB_MODE="offline")
+    env.pop("PYTHONPATH", None)  # the worker imports what it runs from its working directory, as a real one does
     # The nightly cron must not start d24 runs here; its schedule is checked through the API instead.
     server_env = {**env, "PREFECT_API_SERVICES_SCHEDULER_ENABLED": "false"}
-    worker_env = {**env, "SPEEDRUN_PROJECT_DIR": str(repo), "SPEEDRUN_HOME": str(tmp_path / "store"),
+    nightly_dir = tmp_path / "nightly"
+    nightly_dir.mkdir()
+    worker_env = {**env, "SPEEDRUN_PROJECT_DIR": str(repo), "SPEEDRUN_HOME": str(store),
+                  "SPEEDRUN_REPOSITORY": str(origin), "SPEEDRUN_NIGHTLY_DIR": str(nightly_dir),
                   "PREFECT_WORKER_QUERY_SECONDS": "2"}
-    store = tmp_path / "store"
 
     server_log = tmp_path / "server.log"
     with background(["server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui", "--analytics-off"],
@@ -231,45 +292,53 @@ def test_deploy_run_fail_retry_like_the_ui_rerun_cached_and_regression_alert(sha
         prefect("work-pool", "create", POOL, "--type", "process", env=env, cwd=repo)
         prefect("work-pool", "set-concurrency-limit", POOL, "1", env=env, cwd=repo)
         prefect("deploy", "--all", env=env, cwd=repo)
+        hook = Webhook()
+        subprocess.run([sys.executable, "-m", "deployments.automations.nightly_alert", "--webhook-url", hook.url],
+                       cwd=repo, env=env, check=True, capture_output=True, timeout=120)
 
         with get_client(sync_client=True) as client:
             deployments = {d.name: d for d in client.read_deployments()}
             assert set(deployments) == DEPLOYMENTS
             assert all(d.work_pool_name == POOL for d in deployments.values())
+            assert {d.version for d in deployments.values()} == {git("rev-parse", "--short=8", "HEAD", cwd=repo)}
             assert deployments["d26"].parameters == {"preset": "d26"}
             assert deployments["smoke"].pull_steps == [{"prefect.deployments.steps.set_working_directory": {
                 "directory": "{{ $SPEEDRUN_PROJECT_DIR }}"}}]  # no machine path in what was deployed
-            nightly = deployments["nightly"]
-            assert nightly.parameters == {"preset": "d24", "refresh": ["all"], "overrides": {"report.regression": True}}
-            assert [(s.schedule.cron, s.active) for s in nightly.schedules] == [("0 2 * * *", True)]
+            assert deployments["nightly"].parameters == {"preset": "d24", "refresh": ["all"],
+                                                         "overrides": {"report.regression": True}}
+            assert [(s.schedule.cron, s.active) for s in deployments["nightly"].schedules] == [("0 2 * * *", True)]
             assert client.read_work_pool(POOL).concurrency_limit == 1
 
             worker_log = tmp_path / "worker.log"
             with background(["worker", "start", "--pool", POOL, "--limit", "1", "--name", "e2e"], worker_env, repo,
                             worker_log, signal.SIGINT):
-                # 1. the first run fails in chat_eval: a real missing input, after every earlier stage completed.
-                # It refreshes every stage, as speedrun/nightly does: the retry must not rebuild them again.
-                run_id = run_deployment({**params, "refresh": ["all"]}, env, repo)
-                run = wait_final(client, run_id, worker_log=worker_log)
+                # 1. night 1 fails in chat_eval: a real missing input, after every earlier stage completed
+                night1 = run_deployment(nightly, env, repo, "nightly")
+                run = wait_final(client, night1, worker_log=worker_log)
                 assert run.state.type == StateType.FAILED, worker_log.read_text()[-5000:]
                 failed_at = STAGES.index("chat_eval")
-                assert stage_runs(client, run_id)[1] == [(s, "Completed") for s in STAGES[:failed_at]] + \
+                assert stage_runs(client, night1)[1] == [(s, "Completed") for s in STAGES[:failed_at]] + \
                     [("chat_eval", "Failed")]
                 assert "gsm8k" in run.state.message and "test.jsonl" in run.state.message
+                wait_for_body(hook, night1, "Failed")  # the failure alert
 
-                # 2. fix the cause, then Retry exactly as the UI does
+                # 2. fix the cause, then Retry exactly as the UI does: the stages refreshed by the first attempt
+                # are not rebuilt again
                 shutil.copy2(shared_data / "chat_eval" / "gsm8k" / "test.jsonl", gsm8k)
-                wait_process_reaped(client, run_id)
-                accepted = client.set_flow_run_state(run_id, State(type=StateType.SCHEDULED, name="AwaitingRetry",
+                wait_process_reaped(client, night1)
+                accepted = client.set_flow_run_state(night1, State(type=StateType.SCHEDULED, name="AwaitingRetry",
                                                                    message="Retry from the UI"), force=True)
                 assert accepted.status.value == "ACCEPT"
-                run = wait_final(client, run_id, worker_log=worker_log)
+                run = wait_final(client, night1, worker_log=worker_log)
                 assert run.state.type == StateType.COMPLETED, worker_log.read_text()[-5000:]
                 assert run.run_count == 2
-                assert stage_runs(client, run_id)[2] == [(s, "Cached") for s in STAGES[:failed_at]] + \
+                assert stage_runs(client, night1)[2] == [(s, "Cached") for s in STAGES[:failed_at]] + \
                     [(s, "Completed") for s in STAGES[failed_at:]]
-                history = [s.name for s in client.read_flow_run_states(run_id)]
+                history = [s.name for s in client.read_flow_run_states(night1)]
                 assert history.count("Failed") == 1 and "AwaitingRetry" in history and history[-1] == "Completed"
+                assert re.fullmatch(rf"smoke-{first}-\d{{8}}-\d{{4}}", run.name), run.name  # the pulled commit
+                assert run.state.message.startswith(f"PASS smoke@{first}") and "min_val_bpb" in run.state.message
+                wait_for_body(hook, night1, "PASS smoke@")  # the success notification carries the verdict line
 
                 # the report, summary and submission landed in the store, and the report is a Prefect artifact
                 (report_dir,) = [p.parent for p in store.glob("stages/report/*/manifest.json")]
@@ -280,22 +349,21 @@ def test_deploy_run_fail_retry_like_the_ui_rerun_cached_and_regression_alert(sha
                 assert "| time (hours) |" in (report_dir / "submission.md").read_text()
                 assert (report_dir / "val_bpb.png").read_bytes()[:4] == b"\x89PNG"
                 report_md = (report_dir / "report.md").read_text()
-                published = read_artifact(client, "speedrun-smoke-report", run_id).data
-                assert "](data:image/png;base64,iVBORw0KGgo" in published  # the plot inline, not a broken link
-                assert published.split("![val bpb]")[0] == report_md.split("![val bpb]")[0]
-                core_table = read_artifact(client, "speedrun-smoke-core", run_id).data
-                core_table = json.loads(core_table) if isinstance(core_table, str) else core_table
-                assert sorted(row["task"] for row in core_table) == sorted(CORE_TASKS)
+                published = artifacts_of(client, night1)
+                assert "](data:image/png;base64,iVBORw0KGgo" in published["speedrun-smoke-report"]
+                assert published["speedrun-smoke-report"].split("![val bpb]")[0] == report_md.split("![val bpb]")[0]
+                assert sorted(row["task"] for row in published["speedrun-smoke-core"]) == sorted(CORE_TASKS)
+                assert published["pretrain-progress"] == 100
 
-                # 3. the same run again: every stage Cached
-                again = run_deployment(params, env, repo)
+                # 3. the same run from the worker's own checkout (speedrun/smoke; same commit): every stage Cached
+                again = run_deployment({k: v for k, v in nightly.items() if k != "refresh"}, env, repo)
                 assert wait_final(client, again, worker_log=worker_log).state.type == StateType.COMPLETED
                 assert stage_runs(client, again) == {1: [(s, "Cached") for s in STAGES]}
 
                 # 4. Cancel mid-pretrain, as the UI's Cancel does: the ranks finish their step and save it; Retry
                 # resumes from that step and ends bitwise where an uninterrupted run ends.
-                longer = {**params, "until": "pretrain",
-                          "overrides": {**params["overrides"], "pretrain.num_iterations": 24, "pretrain.save_every": -1}}
+                longer = {"mirror": str(shared_data), "until": "pretrain",
+                          "overrides": {**shrunk, "pretrain.num_iterations": 24, "pretrain.save_every": -1}}
                 cancelled = run_deployment(longer, env, repo)
                 work = wait_for_log_line(store, "step 00005/00024", worker_log)
                 client.set_flow_run_state(cancelled, State(type=StateType.CANCELLING, name="Cancelling"), force=True)
@@ -317,25 +385,55 @@ def test_deploy_run_fail_retry_like_the_ui_rerun_cached_and_regression_alert(sha
                 assert json.loads(straight_art.read_text())["files"][model]["sha256"] == \
                     json.loads((work.parent / "manifest.json").read_text())["files"][model]["sha256"]
 
-                # 5. a baseline the run cannot meet: the report raises RegressionDetected on every run, and the
-                # alert automation (deployments/automations) posts the failure to a webhook
-                (repo / "deployments" / "baselines" / "e2e-strict.yaml").write_text(yaml.safe_dump(
-                    {"preset": "smoke", "metrics": {"min_val_bpb": {"value": 0.5, "tolerance": 0.01}}}))
-                hook = Webhook()
-                subprocess.run([sys.executable, "-m", "deployments.automations.nightly_alert", "--webhook-url",
-                                hook.url, "--tag", "cpu"], cwd=repo, env=env, check=True, capture_output=True,
+                # 5. a developer records night 1 as the baseline, val bpb curve included, and pushes: night 2
+                # pulls that commit, rebuilds every stage and passes the curve at every eval step
+                subprocess.run([sys.executable, "-m", "tasks.verdict", "--write-baseline", "e2e-nightly",
+                                str(report_dir / "summary.json")], cwd=dev, env=env, check=True, capture_output=True,
                                timeout=120)
-                gated = {**params, "overrides": {**params["overrides"], "report.regression": True,
-                                                 "report.baseline": "e2e-strict"}}
+                baseline_file = dev / "deployments" / "baselines" / "e2e-nightly.yaml"
+                baseline = yaml.safe_load(baseline_file.read_text())
+                baseline["metrics"].pop("total_training_time", None)  # wall time on a shared CI box is noise
+                baseline_file.write_text(yaml.safe_dump(baseline))
+                second = commit_and_push(dev, "night 2: record the baseline")
+                night2 = run_deployment(nightly, env, repo, "nightly")
+                run = wait_final(client, night2, worker_log=worker_log)
+                assert run.state.type == StateType.COMPLETED, worker_log.read_text()[-5000:]
+                assert re.fullmatch(rf"smoke-{second}-\d{{8}}-\d{{4}}", run.name), run.name
+                assert stage_runs(client, night2) == {1: [(s, "Completed") for s in STAGES]}
+                night_runs = {night1: client.read_flow_run(night1).name, night2: run.name}
+
+                # two nights: two history entries with their commits, a trend of two rows, two wandb runs
+                entries = [json.loads(line) for line in (store / "history" / "smoke.jsonl").read_text().splitlines()]
+                assert [e["commit"][:7] for e in entries] == [first, second], entries
+                trend = artifacts_of(client, night2)["speedrun-nightly-trend"]
+                assert [row["commit"][:7] for row in trend] == [first, second]
+                (report2,) = [p.parent for p in store.glob("stages/report/*/manifest.json")
+                              if json.loads((p.parent / "summary.json").read_text())["commit"].startswith(second)]
+                assert (report2 / "trend.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+                for run_id, name in night_runs.items():
+                    (wandb_run,) = (store / "wandb").glob(f"offline-run-*-smoke-pretrain-{run_id[:8]}")
+                    assert name.encode() in next(wandb_run.glob("run-*.wandb")).read_bytes()  # grouped by run
+
+                # 6. a commit whose baseline curve leaves the band at one eval step: the gate names that step,
+                # on every run (a failed report is never cached), and the alert carries it
+                steps = baseline["val_bpb_curve"]["steps"]
+                step = sorted(steps)[len(steps) // 2]
+                steps[step] += 1.0
+                baseline_file.write_text(yaml.safe_dump(baseline))
+                commit_and_push(dev, "night 3: a curve the run cannot meet")
                 for _ in range(2):
-                    regressed = run_deployment(gated, env, repo)
+                    regressed = run_deployment({**nightly, "refresh": []}, env, repo, "nightly")
                     run = wait_final(client, regressed, worker_log=worker_log)
                     assert run.state.type == StateType.FAILED
                     assert stage_runs(client, regressed) == {1: [(s, "Cached") for s in STAGES[:-1]] +
                                                              [("report", "Failed")]}
-                    assert "RegressionDetected" in run.state.message and "min_val_bpb" in run.state.message
-                deadline = time.monotonic() + 60
-                while not any(regressed in body for body in hook.bodies) and time.monotonic() < deadline:
-                    time.sleep(1)
-                alert = next(body for body in hook.bodies if regressed in body)
-                assert "Failed" in alert and "min_val_bpb" in alert and "baseline 0.5" in alert
+                    assert "RegressionDetected" in run.state.message and f"step {step}" in run.state.message
+                assert f"step {step}" in wait_for_body(hook, regressed, "Failed")
+
+                # 7. a pull that fails (the branch is gone) fails the run before any stage, saying why
+                git("branch", "-m", "main", "gone", cwd=origin)
+                unpulled = run_deployment(nightly, env, repo, "nightly")
+                run = wait_final(client, unpulled, worker_log=worker_log)
+                assert run.state.type == StateType.FAILED, run.state
+                assert "branch 'main' does not exist in" in run.state.message and str(origin) in run.state.message
+                assert stage_runs(client, unpulled) == {}

@@ -49,6 +49,22 @@ def run(prefect_server, shared_data, tmp_path):
     return _run
 
 
+@pytest.fixture(scope="module")
+def built_store(prefect_server, shared_data, tmp_path_factory) -> Path:
+    """A smoke store built once up to pretrain, for the tests that start from a built store (copied per test)."""
+    store = tmp_path_factory.mktemp("built") / "store"
+    speedrun(preset="smoke", mirror=str(shared_data), store=str(store), until="pretrain")
+    return store
+
+
+@pytest.fixture
+def built(run, built_store):
+    """`run` over a copy of the built store (mtimes kept, so validation trusts it), run once: all Cached."""
+    shutil.copytree(built_store, run.store, symlinks=True)
+    assert run() == expect("Cached")
+    return run
+
+
 def artifact(run, stage: str) -> Path:
     return Path(run.last["stages"][stage]["artifact"])
 
@@ -129,14 +145,15 @@ def assert_visible_in_the_ui(result: dict, store: Path, pretrain: Path) -> None:
     assert history[0]["min_val_bpb"] == result["summary"]["min_val_bpb"] and history[0]["hardware"] == "cpu"
     assert "](data:image/png;base64," in artifacts["speedrun-smoke-report"]
     # one wandb run per flow run and stage, grouped by flow run
-    (wandb_run,) = pretrain.glob("work/run/wandb/offline-run-*")
+    (wandb_run,) = (store / "wandb").glob("offline-run-*-smoke-pretrain-*")  # in the store: outlives rebuilds
     assert wandb_run.name.endswith(f"-smoke-pretrain-{flow_run_id[:8]}"), wandb_run.name
+    assert name.encode() in next(wandb_run.glob("run-*.wandb")).read_bytes()  # its group: the flow run's name
     report_md = (Path(result["stages"]["report"]["artifact"]) / "report.md").read_text()
     assert f"wandb sync {wandb_run}" in report_md and "## Trend: the last 1 smoke runs" in report_md
 
 
-def test_tokenizer_option_reexecutes_tokenizer_only(run):
-    run()
+def test_tokenizer_option_reexecutes_tokenizer_only(built):
+    run = built
     old_key = run.last["stages"]["tokenizer"]["key"]
     retrained = expect("Cached", tokenizer="Completed", pretrain="Completed")
     assert run(overrides={"tokenizer.vocab_size": 768}) == retrained
@@ -144,8 +161,8 @@ def test_tokenizer_option_reexecutes_tokenizer_only(run):
     assert run.last["summary"]["vocab_size"] == 768
 
 
-def test_deleted_artifact_file_is_rebuilt(run):
-    run()
+def test_deleted_artifact_file_is_rebuilt(built):
+    run = built
     token_bytes = artifact(run, "tokenizer") / "token_bytes.pt"
     original = sha256_file(token_bytes)
     token_bytes.unlink()
@@ -154,10 +171,10 @@ def test_deleted_artifact_file_is_rebuilt(run):
     assert sha256_file(token_bytes) == original
 
 
-def test_flipped_byte_in_the_tokenizer_rebuilds_it_and_nothing_else(run):
+def test_flipped_byte_in_the_tokenizer_rebuilds_it_and_nothing_else(built):
     """Same size, other bytes: the changed mtime makes validation re-hash the file; the deterministic rebuild
     gives the same content, so pretraining stays Cached."""
-    run()
+    run = built
     ranks = artifact(run, "tokenizer") / "tokenizer.tiktoken"
     original = ranks.read_bytes()
     data = bytearray(original)
@@ -167,11 +184,11 @@ def test_flipped_byte_in_the_tokenizer_rebuilds_it_and_nothing_else(run):
     assert ranks.read_bytes() == original
 
 
-def test_moved_store_is_all_cached_with_every_path_under_the_new_root(prefect_server, shared_data, tmp_path):
+def test_moved_store_is_all_cached_with_every_path_under_the_new_root(built, shared_data, tmp_path):
     """Records and manifests hold paths relative to the store root: a store moved (or mounted elsewhere) is
     still one cache."""
-    before = speedrun(preset="smoke", mirror=str(shared_data), store=str(tmp_path / "old"), until="pretrain")
-    shutil.move(tmp_path / "old", tmp_path / "new")
+    before = built.last
+    shutil.move(built.store, tmp_path / "new")
     after = speedrun(preset="smoke", mirror=str(shared_data), store=str(tmp_path / "new"), until="pretrain")
     assert {k: v["state"] for k, v in after["stages"].items()} == expect("Cached")
     assert {k: v["key"] for k, v in after["stages"].items()} == {k: v["key"] for k, v in before["stages"].items()}
@@ -179,8 +196,8 @@ def test_moved_store_is_all_cached_with_every_path_under_the_new_root(prefect_se
                for v in after["stages"].values())
 
 
-def test_deleted_shard_is_refetched_and_downstream_stays_cached(run):
-    run()
+def test_deleted_shard_is_refetched_and_downstream_stays_cached(built):
+    run = built
     shard = Path(json.loads((artifact(run, "shards") / "shards.json").read_text())["train"][0])
     shard = (artifact(run, "shards") / shard).resolve()
     shard.unlink()
@@ -189,8 +206,8 @@ def test_deleted_shard_is_refetched_and_downstream_stays_cached(run):
     assert shard.is_file()
 
 
-def test_garbled_shard_in_store_is_detected_and_refetched(run, shared_data):
-    run()
+def test_garbled_shard_in_store_is_detected_and_refetched(built, shared_data):
+    run = built
     shard = artifact(run, "shards").parent.parent.parent / "shards"
     victim = next(shard.rglob("shard_00001.parquet"))
     data = bytearray(victim.read_bytes())
@@ -230,8 +247,8 @@ def test_external_inputs_are_keyed_by_what_they_hold(run, shared_data, tmp_path)
     assert sha256_file(stored) == sha256_file(shared_data / "pretrain" / "shard_00003.parquet")
 
 
-def test_refresh_reexecutes_stage_and_downstream(run):
-    run()
+def test_refresh_reexecutes_stage_and_downstream(built):
+    run = built
     keys = {k: v["key"] for k, v in run.last["stages"].items()}
     assert run(refresh=["pretrain"]) == expect("Cached", pretrain="Completed")
     assert run(refresh=["tokenizer"]) == expect("Cached", tokenizer="Completed", pretrain="Completed")
@@ -239,8 +256,8 @@ def test_refresh_reexecutes_stage_and_downstream(run):
     assert run() == expect("Cached")
 
 
-def test_lost_cache_record_reuses_valid_artifact(run):
-    run()
+def test_lost_cache_record_reuses_valid_artifact(built):
+    run = built
     manifest_before = read_manifest(artifact(run, "tokenizer"))
     shutil.rmtree(run.store / "prefect-results")
     assert run() == expect("Completed")
@@ -274,6 +291,17 @@ def test_missing_source_fails_the_shards_stage_with_the_url(run, http_mirror):
     source = f"{http_mirror}/nowhere/shard_{{index:05d}}.parquet"
     with pytest.raises(ShardSourceError, match=r"shard \d+ is not available from http://127\.0\.0\.1:\d+/nowhere/"):
         run(overrides={"data.source": source, "data.val_shard": 7})
+
+
+def test_a_flow_past_its_time_limit_starts_no_stage(run):
+    # A limit already used up: the first stage does not start, and the message says which option to raise.
+    # (A torchrun stage running when the limit passes is stopped: tests/test_launch.py.)
+    from flows.speedrun import FlowTimeLimitReached
+
+    with pytest.raises(FlowTimeLimitReached, match=r"time limit of 1e-06 s before stage shards "
+                                                   r"\(runtime.flow_timeout_s"):
+        run(overrides={"runtime.flow_timeout_s": 1e-6})
+    assert not (run.store / "stages").exists()
 
 
 def test_refresh_closure():
