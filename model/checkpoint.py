@@ -216,15 +216,11 @@ def latest_model_step(directory: Path) -> int:
 
 def load_model(directory: Path, device, step: int | None = None, phase: str = "eval"):
     """(model, meta) rebuilt from a checkpoint: config from meta, weights loaded strictly (spec/05 §7)."""
-    from model.gpt import GPT, GPTConfig
+    from model.gpt import GPTConfig, build_model
 
     directory = Path(directory)
     step = latest_model_step(directory) if step is None else step
     meta = read_meta(directory, step)
-    with torch.device("meta"):
-        model = GPT(GPTConfig(**meta["model_config"]))
-    model.to_empty(device=device)
-    model.init_weights()  # materialises the rotary buffers, which checkpoints do not hold
-    model.load_state_dict(load_model_state(directory, step, device), strict=True, assign=True)
+    model = build_model(GPTConfig(**meta["model_config"]), device, load_model_state(directory, step, device))
     model.train(phase == "train")
     return model, meta

@@ -7,8 +7,9 @@ per-layer residual / x0 lambdas, a "backout" of the middle block's output, an un
 logit softcap of 15. No autocast: every matmul goes through `Linear`, which casts its fp32 master
 weight to the activation dtype (model.common.COMPUTE_DTYPE); embeddings are stored in that dtype.
 
-Build: construct on the meta device, then `to_empty(device=...)` and `init_weights()` (or use
-`build_model`). Sizes must agree with model/sizing.py, whose helpers are used here.
+Build: `build_model(config, device, state_dict=None)` constructs on the meta device, then `to_empty` and
+`init_weights()`, and loads a checkpoint's weights when given. Sizes must agree with model/sizing.py, whose
+helpers are used here.
 
 Inference (spec/09 §2): `forward(idx, kv_cache=cache)` runs a chunk of new tokens against a KV cache
 (model/engine.py: KVCache) -- rotary positions and attention start at the cache position (per row when the
@@ -406,10 +407,15 @@ class GPT(nn.Module):
             yield next_id.item()
 
 
-def build_model(config: GPTConfig, device: torch.device | str) -> GPT:
-    """Construct on the meta device, materialise on `device`, initialise (spec/03 §5)."""
+def build_model(config: GPTConfig, device: torch.device | str, state_dict: dict | None = None) -> GPT:
+    """Construct on the meta device, materialise on `device`, initialise (spec/03 §5), then load `state_dict`
+    strictly when given (a checkpoint's weights, assigned in place). The one way the project builds a model:
+    the trainers, model/checkpoint.py's load_model, tests and benches. init_weights runs either way: it
+    materialises the rotary buffers, which checkpoints do not hold, and draws from the RNG as a fresh run does."""
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=device)
     model.init_weights()
+    if state_dict is not None:
+        model.load_state_dict(state_dict, strict=True, assign=True)
     return model

@@ -26,12 +26,9 @@ complete checkpoint and, on CPU, ends bitwise where an uninterrupted run ends.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import os
-import time
-from dataclasses import asdict
 from pathlib import Path
 
 os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")  # before torch initialises CUDA
@@ -40,14 +37,12 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from model import checkpoint as ckpt  # noqa: E402
-from model.common import (ATTENTION_CHOICES, COMPUTE_DTYPE, autodetect_device_type, compute_cleanup,  # noqa: E402
-                          compute_init, decide_compile, get_peak_flops, setup_attention, synchronize)
-from model.gpt import GPT, GPTConfig  # noqa: E402
-from model.loss_eval import evaluate_bpb  # noqa: E402
+from model.common import ATTENTION_CHOICES  # noqa: E402
+from model.gpt import GPTConfig, build_model  # noqa: E402
+from model.loop import TrainingRun  # noqa: E402
+from model.run_control import check_finite  # noqa: E402
 from model.sft_loader import SFTLoader  # noqa: E402
 from model.tokenizer import Tokenizer, load_token_bytes  # noqa: E402
-from model.run_control import StopSignal, check_finite, die_with_parent, hold_run_dir  # noqa: E402
-from model.run_log import TIMING_WARMUP_STEPS, MetricsLog, start_wandb  # noqa: E402
 
 # None on the command line = inherit from the base checkpoint; these are the fallbacks when it lacks the key.
 FROM_META = {"max_seq_len": 2048, "device_batch_size": 32, "total_batch_size": 524288}  # resolved values, top level
@@ -260,19 +255,8 @@ def run_chatcore(model, tokenizer, args, batch_size: int) -> dict[str, dict]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    user_config = dict(vars(args))
-    device_type = args.device_type or autodetect_device_type()
-    distributed, rank, local_rank, world, device = compute_init(device_type)
-    master = rank == 0
-    say = print if master else (lambda *a, **k: None)
-    attention_info = setup_attention(args.attention, device.type, say)
-    out_dir = Path(args.out_dir)
-    ckpt_dir = out_dir / "checkpoints"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stop = StopSignal()  # SIGTERM: finish the step, save, exit CANCELLED_EXIT_CODE
-    die_with_parent()  # a killed torchrun agent sends its ranks SIGTERM
-    run_dir_lock = hold_run_dir(out_dir, rank)  # noqa: F841 (held until exit): one trainer per directory
-    peak_flops = get_peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else float("inf")
+    run = TrainingRun(args)  # device, process group, out dir, cancel rules, run-dir lock (model/loop.py)
+    say, device, rank, world = run.say, run.device, run.rank, run.world
 
     # --- the base checkpoint and what it hands down
     base_dir = Path(args.checkpoint_dir)
@@ -306,27 +290,17 @@ def main(argv: list[str] | None = None) -> dict:
     say(f"conversations: {len(train_ds):,} train, {len(val_ds):,} val")
 
     # --- model: the SFT run's own last complete checkpoint, else the base weights
-    resume = ckpt.load_resume_point(ckpt_dir, rank, world, device, say) if args.resume == "auto" else None
-    resume_step = resume.step if resume else None
-    meta = resume.meta if resume else None
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device=device)
-    model.init_weights()  # materialises the rotary buffers, which checkpoints do not hold
+    resume = run.resume(args.resume)
     if resume is not None:
-        model.load_state_dict(resume.model_state, strict=True, assign=True)
-        say(f"resuming from step {resume_step} ({ckpt_dir})")
+        model = build_model(config, device, resume.model_state)
     else:
-        model.load_state_dict(ckpt.load_model_state(base_dir, base_step, device), strict=True, assign=True)
+        model = build_model(config, device, ckpt.load_model_state(base_dir, base_step, device))
         say(f"base model: step {base_step} of {base_dir}")
     model.train()
     orig_model = model
     # planned steps: --num-iterations, else at most one step per B x world x accum conversations (one pass)
     planned_steps = args.num_iterations if args.num_iterations > 0 else len(train_ds) // (B * world * accum)
-    use_compile, compile_reason = decide_compile(args.compile, device.type, planned_steps)
-    say(f"torch.compile: {'on' if use_compile else 'off'} ({compile_reason})")
-    if use_compile:
-        model = torch.compile(model, dynamic=False)
+    model, use_compile = run.compile(model, planned_steps)
     flops_per_token = orig_model.estimate_flops()
     say(f"Estimated FLOPs per token: {flops_per_token:e}")
     say(f"Total batch size {total_batch_size:,} => gradient accumulation steps: {accum}")
@@ -334,14 +308,9 @@ def main(argv: list[str] | None = None) -> dict:
     # --- optimizer: fresh LRs, no weight decay, warm state from the base run, then x init_lr_frac
     optimizer = orig_model.setup_optimizer(unembedding_lr=hp["unembedding_lr"], embedding_lr=hp["embedding_lr"],
                                            matrix_lr=hp["matrix_lr"], weight_decay=0.0, compile=use_compile)
-    warm_started = (meta or {}).get("optimizer_warm_start", False)
-    loader_state, first_batch = None, None
-    if resume is not None:
-        optimizer.load_state_dict(resume.optimizer_state)  # its LRs are already the scaled SFT ones
-        loader_state, first_batch = resume.rank_state["loader"], resume.rank_state["batch"]
-        ckpt.set_rng_state(resume.rank_state["rng"])
-        resume = None  # the states now live in the model, optimizer and loader
-    else:
+    warm_started = resume.meta.get("optimizer_warm_start", False) if resume else False
+    loader_state, first_batch = run.restore(resume, optimizer)  # its LRs are already the scaled SFT ones
+    if resume is None:
         if args.load_optimizer:
             warm_started = warm_start_optimizer(optimizer, base_dir, base_step, base_meta.get("world_size"),
                                                 rank, world, device, say)
@@ -352,41 +321,27 @@ def main(argv: list[str] | None = None) -> dict:
     num_iterations = args.num_iterations
     train_loader = SFTLoader(train_ds, tokenizer, B, T, rank=rank, world_size=world, device=device,
                              on_stall="pad" if num_iterations > 0 else "error", name="train", state=loader_state)
-    x, y = (first_batch[0].to(device), first_batch[1].to(device)) if first_batch is not None else next(train_loader)
+    x, y = run.first_batch(first_batch, train_loader)
 
     def fresh_val_batches():
         return SFTLoader(val_ds, tokenizer, B, T, rank=rank, world_size=world, device=device, on_stall="pad", name="val")
 
     eval_steps = max(1, args.eval_tokens // (B * T * world))
-    loop = (meta or {}).get("loop_state", {})
-    step = resume_step or 0
-    min_val_bpb = loop.get("min_val_bpb", float("inf"))
-    smooth_train_loss = loop.get("smooth_train_loss", 0.0)
-    total_training_time = loop.get("total_training_time", 0.0)
-    timed_steps = loop.get("timed_steps", 0)
-    progress = loop.get("progress", 0.0)  # kept monotone: the LR schedule never moves backwards
-    chat = loop.get("chat") or {}  # last ChatCORE: {"accuracy": {...}, "chatcore": ..., "chatcore_cat": ...}
-    val_bpb = (meta or {}).get("val_bpb")
-    wandb_run = start_wandb(args, user_config, out_dir, project="speedrun-sft") if master else None
-    if master and resume_step is not None:
-        trim_metrics(out_dir / "metrics.jsonl", resume_step)
-    metrics = MetricsLog(out_dir / "metrics.jsonl", master, wandb_run, keep_before_step=math.inf)
-    first_step_of_run = step
+    step = run.first_step
+    progress = run.loop_state.get("progress", 0.0)  # kept monotone: the LR schedule never moves backwards
+    chat = run.loop_state.get("chat") or {}  # last ChatCORE: {"accuracy": {...}, "chatcore": ..., "chatcore_cat": ...}
+    if run.master and run.resume_step is not None:
+        trim_metrics(run.out_dir / "metrics.jsonl", run.resume_step)
+    metrics = run.start_logging("speedrun-sft", keep_before_step=math.inf)
 
     while True:
         last_step = train_loader.exhausted or (num_iterations > 0 and step >= num_iterations)
-        cancel, last_step = stop.agreed(device, also=last_step)  # every rank stops at the same step
+        cancel, last_step = run.stop.agreed(device, also=last_step)  # every rank stops at the same step
         cancel = cancel and not last_step
         flops_so_far = flops_per_token * total_batch_size * step
 
         if not cancel and args.eval_every > 0 and (last_step or step % args.eval_every == 0):
-            model.eval()
-            val_bpb = evaluate_bpb(model, fresh_val_batches(), eval_steps, token_bytes)
-            model.train()
-            min_val_bpb = min(min_val_bpb, val_bpb)
-            say(f"Step {step:05d} | Validation bpb: {val_bpb:.6f}")
-            metrics.log({"step": step, "total_training_flops": flops_so_far,
-                         "total_training_time": total_training_time, "val/bpb": val_bpb})
+            run.validate(model, fresh_val_batches(), eval_steps, token_bytes, step, flops_so_far)
 
         if not cancel and args.chatcore_every > 0 and (last_step or (step > 0 and step % args.chatcore_every == 0)):
             from model.chat_data import chatcore
@@ -401,30 +356,19 @@ def main(argv: list[str] | None = None) -> dict:
             metrics.log({"step": step, "total_training_flops": flops_so_far, "chatcore_metric": chat["chatcore"],
                          "chatcore_cat": chat["chatcore_cat"], **{f"chatcore/{k}": v for k, v in accuracy.items()}})
 
-        periodic = step > 0 and step != resume_step and args.save_every > 0 and step % args.save_every == 0
-        if last_step or periodic or (cancel and step != first_step_of_run):
-            ckpt.save_checkpoint(
-                ckpt_dir, step, rank=rank,
-                model_state=orig_model.state_dict() if master else None,
-                meta={"step": step, "val_bpb": val_bpb, "model_config": asdict(config), "user_config": user_config,
-                      "device_batch_size": B, "max_seq_len": T, "total_batch_size": total_batch_size,
-                      "world_size": world, "num_iterations": num_iterations, "resolved": hp,
-                      "base_checkpoint": {"dir": str(base_dir), "step": base_step},
-                      "optimizer_warm_start": warm_started,
-                      "loop_state": {"min_val_bpb": min_val_bpb, "smooth_train_loss": smooth_train_loss,
-                                     "total_training_time": total_training_time, "timed_steps": timed_steps,
-                                     "progress": progress, "chat": chat}},
-                optimizer_state=optimizer.state_dict(),
-                loader_state={"loader": train_loader.state_dict(), "batch": (x.cpu(), y.cpu()), "rng": ckpt.rng_state()})
-            if master and args.keep_checkpoints > 0:
-                ckpt.prune_checkpoints(ckpt_dir, set(ckpt.complete_steps(ckpt_dir)[-args.keep_checkpoints:]))
+        if run.should_save(step, last_step, cancel, args.save_every):
+            run.save(step, model=orig_model, optimizer=optimizer, loader=train_loader, batch=(x, y), config=config,
+                     meta={"device_batch_size": B, "max_seq_len": T, "total_batch_size": total_batch_size,
+                           "world_size": world, "num_iterations": num_iterations, "resolved": hp,
+                           "base_checkpoint": {"dir": str(base_dir), "step": base_step},
+                           "optimizer_warm_start": warm_started},
+                     loop_state={"progress": progress, "chat": chat}, keep=args.keep_checkpoints)
         if cancel:
-            stop.exit_saved(step, ckpt_dir, wandb_run, say)
+            run.exit_saved(step)
         if last_step:
             break
 
-        synchronize(device)
-        t0 = time.time()
+        run.step_begin()
         for _ in range(accum):
             loss = masked_mean_loss(model, x, y)
             train_loss = loss.detach()
@@ -445,17 +389,11 @@ def main(argv: list[str] | None = None) -> dict:
         train_loss_f = train_loss.item()
         check_finite(train_loss_f, step, {"matrix_lr": hp["matrix_lr"], "embedding_lr": hp["embedding_lr"],
                                           "unembedding_lr": hp["unembedding_lr"], "init_lr_frac": args.init_lr_frac})
-        synchronize(device)
-        dt = time.time() - t0
-
-        if step > TIMING_WARMUP_STEPS:  # steps 0..10 (compile warm-up) are not timed
-            total_training_time += dt
-            timed_steps += 1
+        dt = run.step_end(step)
         step += 1  # incremented before logging (spec/08 §5.6): a step's record carries the count of steps done
-        smooth_train_loss = 0.9 * smooth_train_loss + 0.1 * train_loss_f
-        debiased = smooth_train_loss / (1 - 0.9 ** step)
-        tok_per_sec = int(total_batch_size / dt)
-        mfu = 100 * flops_per_token * total_batch_size / dt / (peak_flops * world)
+        debiased = run.smooth_loss(train_loss_f, step)
+        tok_per_sec, mfu = run.rates(dt, total_batch_size, flops_per_token)
+        total_training_time = run.total_training_time
         say(f"step {step:05d} ({100 * progress:.2f}%) | loss: {debiased:.6f} | lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | "
             f"tok/sec: {tok_per_sec:,} | mfu: {mfu:.2f} | epoch: {train_loader.epoch} | "
             f"total time: {total_training_time / 60:.2f}m")
@@ -463,47 +401,31 @@ def main(argv: list[str] | None = None) -> dict:
                      "total_training_time": total_training_time, "train/loss": debiased, "train/raw_loss": train_loss_f,
                      "train/lrm": lrm, "train/dt": dt, "train/tok_per_sec": tok_per_sec, "train/mfu": mfu,
                      "train/epoch": train_loader.epoch}, wandb_too=step % WANDB_EVERY == 0)
-        if step == first_step_of_run + 1:  # after the first step: freeze what is alive, avoid long GC pauses
-            gc.collect()
-            gc.freeze()
-            gc.disable()
-        elif step % 5000 == 0:
-            gc.collect()
+        run.after_step(step)  # GC frozen after the first step, avoiding long pauses
 
     # --- summary
-    tok_per_sec = total_batch_size * timed_steps / total_training_time if timed_steps else None
-    mean_mfu = 100 * flops_per_token * tok_per_sec / (peak_flops * world) if timed_steps else 0.0
+    mean_tok_per_sec, mean_mfu = run.mean_rates(total_batch_size, flops_per_token)
     summary = {
         "step": step,
-        "val_bpb": val_bpb,
-        "min_val_bpb": None if math.isinf(min_val_bpb) else min_val_bpb,
-        "train_loss": smooth_train_loss / (1 - 0.9 ** step) if step else None,
-        "total_training_time": total_training_time,
+        "val_bpb": run.val_bpb,
+        "min_val_bpb": None if math.isinf(run.min_val_bpb) else run.min_val_bpb,
+        "train_loss": run.smooth_train_loss / (1 - 0.9 ** step) if step else None,
+        "total_training_time": run.total_training_time,
         "total_training_flops": flops_per_token * total_batch_size * step,
         "chatcore": chat.get("chatcore"), "chatcore_cat": chat.get("chatcore_cat"),
         "chat_accuracy": chat.get("accuracy"),
         "num_conversations": len(train_ds), "num_val_conversations": len(val_ds),
         "conversations_consumed": train_loader.consumed, "epoch": train_loader.epoch, "progress": progress,
-        "num_iterations": num_iterations, "timed_steps": timed_steps,
-        "mfu": mean_mfu if math.isfinite(mean_mfu) else 0.0, "tok_per_sec": tok_per_sec,
+        "num_iterations": num_iterations, "timed_steps": run.timed_steps,
+        "mfu": mean_mfu, "tok_per_sec": mean_tok_per_sec,
         "max_seq_len": T, "device_batch_size": B, "total_batch_size": total_batch_size, "grad_accum_steps": accum,
         "hyperparameters": hp, "inherited": sorted(k for k, s in sources.items() if s == "checkpoint"),
         "overrides": overrides, "optimizer_warm_start": warm_started,
         "base_checkpoint": {"dir": str(base_dir), "step": base_step},
         "flops_per_token": flops_per_token, "world_size": world,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
-        "compute_dtype": str(COMPUTE_DTYPE).removeprefix("torch."), "compiled": use_compile, **attention_info,
-        "peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+        **run.environment(use_compile),
     }
-    if master:
-        ckpt.atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
-        say(f"Total training time: {total_training_time / 60:.2f}m | Minimum validation bpb: {summary['min_val_bpb']}")
-        if wandb_run is not None:
-            wandb_run.summary.update({k: v for k, v in summary.items() if v is not None and not isinstance(v, dict)})
-            wandb_run.finish()
-    compute_cleanup()
-    stop.restore()
-    return summary
+    return run.finish(summary)
 
 
 if __name__ == "__main__":

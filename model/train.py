@@ -16,32 +16,22 @@ researcher runs this alone.
 from __future__ import annotations
 
 import argparse
-import gc
-import json
 import math
 import os
-import time
 from contextlib import nullcontext
-from dataclasses import asdict
 from pathlib import Path
 
 os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")  # before torch initialises CUDA
 
-import torch  # noqa: E402
-
-from model import checkpoint as ckpt  # noqa: E402
-from model.common import (ATTENTION_CHOICES, COMPUTE_DTYPE, autodetect_device_type, compute_cleanup,  # noqa: E402
-                          compute_init, decide_compile, get_peak_flops, setup_attention, synchronize)
+from model.common import ATTENTION_CHOICES  # noqa: E402
 from model.data import read_shard_paths  # noqa: E402
 from model.dataloader import BestFitLoader, val_loader  # noqa: E402
-from model.gpt import GPT, GPTConfig  # noqa: E402
-from model.loss_eval import evaluate_bpb  # noqa: E402
+from model.gpt import GPTConfig, build_model  # noqa: E402
+from model.loop import TrainingRun  # noqa: E402
 from model.optim import get_lr_multiplier, get_muon_momentum, get_weight_decay  # noqa: E402
+from model.run_control import check_finite  # noqa: E402
 from model.sizing import plan_training  # noqa: E402
-from model.run_control import StopSignal, check_finite, die_with_parent, hold_run_dir  # noqa: E402
-from model.run_log import TIMING_WARMUP_STEPS, MetricsLog, start_wandb  # noqa: E402
 from model.tokenizer import Tokenizer, load_token_bytes  # noqa: E402
-
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -102,19 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    user_config = dict(vars(args))
-    device_type = args.device_type or autodetect_device_type()
-    distributed, rank, local_rank, world, device = compute_init(device_type)
-    master = rank == 0
-    say = print if master else (lambda *a, **k: None)
-    attention_info = setup_attention(args.attention, device.type, say)
-    out_dir = Path(args.out_dir)
-    ckpt_dir = out_dir / "checkpoints"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stop = StopSignal()  # SIGTERM: finish the step, save, exit CANCELLED_EXIT_CODE
-    die_with_parent()  # a killed torchrun agent sends its ranks SIGTERM
-    run_dir_lock = hold_run_dir(out_dir, rank)  # noqa: F841 (held until exit): one trainer per directory
-    peak_flops = get_peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else float("inf")
+    run = TrainingRun(args)  # device, process group, out dir, cancel rules, run-dir lock (model/loop.py)
+    say, device, rank, world, master = run.say, run.device, run.rank, run.world, run.master
 
     tokenizer = Tokenizer.load(args.tokenizer_dir)
     token_bytes = load_token_bytes(args.tokenizer_dir, device=device)
@@ -129,25 +108,12 @@ def main(argv: list[str] | None = None) -> dict:
         weight_decay=args.weight_decay, warmdown_ratio=args.warmdown_ratio)
     num_iterations, total_batch_size, grad_accum_steps = plan.num_iterations, plan.total_batch_size, plan.grad_accum_steps
 
+    # --- model: fresh, or the last complete checkpoint's (a damaged newest one falls back to the one before)
     config = GPTConfig(sequence_len=args.max_seq_len, vocab_size=vocab_size, n_layer=args.depth,
                        n_head=plan.n_head, n_kv_head=plan.n_head, n_embd=plan.model_dim,
                        window_pattern=args.window_pattern.upper())
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device=device)
-    model.init_weights()
-
-    # --- resume: which checkpoint, if any (a damaged newest one falls back to the one before)
-    resume = None
-    if args.resume_from_step >= 0:
-        resume = ckpt.load_step(ckpt_dir, args.resume_from_step, rank, world, device)
-    elif args.resume == "auto":
-        resume = ckpt.load_resume_point(ckpt_dir, rank, world, device, say)
-    resume_step = resume.step if resume else None
-    meta = resume.meta if resume else None
-    if resume is not None:
-        model.load_state_dict(resume.model_state, strict=True, assign=True)
-        say(f"resuming from step {resume_step} ({ckpt_dir})")
+    resume = run.resume(args.resume, from_step=args.resume_from_step)
+    model = build_model(config, device, resume.model_state if resume else None)
 
     if args.fp8_recipe != "tensorwise":
         raise SystemExit("--fp8-recipe rowwise is not implemented; use tensorwise")
@@ -160,10 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
         converted = convert_to_float8_training(model)
         say(f"FP8: converted {converted} linear layers")
     orig_model = model
-    use_compile, compile_reason = decide_compile(args.compile, device.type, num_iterations)
-    say(f"torch.compile: {'on' if use_compile else 'off'} ({compile_reason})")
-    if use_compile:
-        model = torch.compile(model, dynamic=False)
+    model, use_compile = run.compile(model, num_iterations)
 
     counts = orig_model.num_scaling_params()
     for key, value in counts.items():
@@ -175,6 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
     say(f"Total training tokens: {plan.total_tokens:,} (tokens:params {plan.tokens_per_param:.2f}), "
         f"total FLOPs {flops_per_token * plan.total_tokens:e}")
 
+    # --- optimizer and data (a resumed run continues where its loader stood, with the batch it had prefetched)
     lr_scale = plan.batch_lr_scale
     optimizer = orig_model.setup_optimizer(
         unembedding_lr=args.unembedding_lr * lr_scale, embedding_lr=args.embedding_lr * lr_scale,
@@ -186,36 +150,24 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--data-streams={num_streams} must be a multiple of the world size {world}")
     if grad_accum_steps * world % num_streams:
         raise SystemExit(f"--data-streams={num_streams} must divide the micro-batches per step ({grad_accum_steps * world})")
-    loader_state, first_batch = None, None
-    if resume is not None:
-        optimizer.load_state_dict(resume.optimizer_state)
-        loader_state, first_batch = resume.rank_state["loader"], resume.rank_state["batch"]
-        ckpt.set_rng_state(resume.rank_state["rng"])
-        resume = None  # the states now live in the model, optimizer and loader
+    loader_state, first_batch = run.restore(resume, optimizer)
     train_loader = BestFitLoader(tokenizer, train_paths, args.device_batch_size, args.max_seq_len,
                                  streams=list(range(rank, num_streams, world)), num_streams=num_streams,
                                  device=device, state=loader_state)
-    x, y = (first_batch[0].to(device), first_batch[1].to(device)) if first_batch is not None else next(train_loader)
+    x, y = run.first_batch(first_batch, train_loader)
 
     def fresh_val_batches():
         return val_loader(tokenizer, val_path, args.device_batch_size, args.max_seq_len, rank, world, device,
                           num_streams=num_streams)
 
     eval_steps = max(1, args.eval_tokens // (args.device_batch_size * args.max_seq_len * world))
-    loop = (meta or {}).get("loop_state", {})
-    step = resume_step or 0
-    min_val_bpb = loop.get("min_val_bpb", float("inf"))
-    smooth_train_loss = loop.get("smooth_train_loss", 0.0)
-    total_training_time = loop.get("total_training_time", 0.0)
-    timed_steps = loop.get("timed_steps", 0)
-    val_bpb = (meta or {}).get("val_bpb")
-    wandb_run = start_wandb(args, user_config, out_dir, project="speedrun") if master else None
-    metrics = MetricsLog(out_dir / "metrics.jsonl", master, wandb_run, keep_before_step=step)
+    step = run.first_step
+    metrics = run.start_logging("speedrun", keep_before_step=step)
     if fp8_enabled:
         from ops.fp8 import disable_fp8
     else:
         disable_fp8 = lambda m: nullcontext()  # noqa: E731
-    bundle, core_metric = None, (meta or {}).get("loop_state", {}).get("core_metric")
+    bundle, core_metric = None, run.loop_state.get("core_metric")
     if args.core_metric_every > 0:
         if not args.bundle_dir:
             raise SystemExit("--core-metric-every > 0 needs --bundle-dir (the CORE eval bundle); "
@@ -224,22 +176,15 @@ def main(argv: list[str] | None = None) -> dict:
         from model.eval_bundle import load_bundle
 
         bundle = load_bundle(Path(args.bundle_dir), allow_missing=args.allow_missing_tasks)
-    first_step_of_run = step
 
     while True:
         last_step = step == num_iterations
-        cancel = not last_step and stop.agreed(device)[0]  # every rank stops at the same step
+        cancel = not last_step and run.stop.agreed(device)[0]  # every rank stops at the same step
         flops_so_far = flops_per_token * total_batch_size * step
 
         if not cancel and args.eval_every > 0 and (last_step or step % args.eval_every == 0):
-            model.eval()
-            with disable_fp8(orig_model):
-                val_bpb = evaluate_bpb(model, fresh_val_batches(), eval_steps, token_bytes)
-            model.train()
-            min_val_bpb = min(min_val_bpb, val_bpb)
-            say(f"Step {step:05d} | Validation bpb: {val_bpb:.6f}")
-            metrics.log({"step": step, "total_training_flops": flops_so_far,
-                         "total_training_time": total_training_time, "val/bpb": val_bpb})
+            run.validate(model, fresh_val_batches(), eval_steps, token_bytes, step, flops_so_far,
+                         context=disable_fp8(orig_model))
 
         if not cancel and bundle is not None and (last_step or (step > 0 and step % args.core_metric_every == 0)):
             with disable_fp8(orig_model):  # CORE runs on the uncompiled model, in bf16 (spec/05 §4)
@@ -262,28 +207,17 @@ def main(argv: list[str] | None = None) -> dict:
                     say(f"sample | {prompt}{tokenizer.decode(tokens)}")
             orig_model.train()
 
-        periodic = step > 0 and step != resume_step and args.save_every > 0 and step % args.save_every == 0
-        if last_step or periodic or (cancel and step != first_step_of_run):
-            ckpt.save_checkpoint(
-                ckpt_dir, step, rank=rank,
-                model_state=orig_model.state_dict() if master else None,
-                meta={"step": step, "val_bpb": val_bpb, "model_config": asdict(config), "user_config": user_config,
-                      "device_batch_size": args.device_batch_size, "max_seq_len": args.max_seq_len,
-                      "total_batch_size": total_batch_size, "world_size": world, "num_iterations": num_iterations,
-                      "loop_state": {"min_val_bpb": min_val_bpb, "smooth_train_loss": smooth_train_loss,
-                                     "total_training_time": total_training_time, "timed_steps": timed_steps,
-                                     "core_metric": core_metric}},
-                optimizer_state=optimizer.state_dict(),
-                loader_state={"loader": train_loader.state_dict(), "batch": (x.cpu(), y.cpu()), "rng": ckpt.rng_state()})
-            if master and args.keep_checkpoints > 0:
-                ckpt.prune_checkpoints(ckpt_dir, set(ckpt.complete_steps(ckpt_dir)[-args.keep_checkpoints:]))
+        if run.should_save(step, last_step, cancel, args.save_every):
+            run.save(step, model=orig_model, optimizer=optimizer, loader=train_loader, batch=(x, y), config=config,
+                     meta={"device_batch_size": args.device_batch_size, "max_seq_len": args.max_seq_len,
+                           "total_batch_size": total_batch_size, "world_size": world, "num_iterations": num_iterations},
+                     loop_state={"core_metric": core_metric}, keep=args.keep_checkpoints)
         if cancel:
-            stop.exit_saved(step, ckpt_dir, wandb_run, say)
+            run.exit_saved(step)
         if last_step:
             break
 
-        synchronize(device)
-        t0 = time.time()
+        run.step_begin()
         for _ in range(grad_accum_steps):
             loss = model(x, y)
             train_loss = loss.detach()
@@ -301,16 +235,11 @@ def main(argv: list[str] | None = None) -> dict:
         check_finite(train_loss_f, step, {"matrix_lr": args.matrix_lr, "embedding_lr": args.embedding_lr,
                                           "unembedding_lr": args.unembedding_lr, "scalar_lr": args.scalar_lr,
                                           "warmup_steps": args.warmup_steps, "depth": args.depth})
-        synchronize(device)
-        dt = time.time() - t0
+        dt = run.step_end(step)
 
-        smooth_train_loss = 0.9 * smooth_train_loss + 0.1 * train_loss_f
-        debiased = smooth_train_loss / (1 - 0.9 ** (step + 1))
-        if step > TIMING_WARMUP_STEPS:
-            total_training_time += dt
-            timed_steps += 1
-        tok_per_sec = int(total_batch_size / dt)
-        mfu = 100 * flops_per_token * total_batch_size / dt / (peak_flops * world)
+        debiased = run.smooth_loss(train_loss_f, step + 1)
+        tok_per_sec, mfu = run.rates(dt, total_batch_size, flops_per_token)
+        total_training_time, timed_steps = run.total_training_time, run.timed_steps
         eta = (num_iterations - step) * total_training_time / timed_steps if timed_steps else float("nan")
         say(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) | loss: {debiased:.6f} | "
             f"lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,} | bf16_mfu: {mfu:.2f} | "
@@ -319,45 +248,28 @@ def main(argv: list[str] | None = None) -> dict:
                      "train/loss": debiased, "train/raw_loss": train_loss_f, "train/lrm": lrm, "train/dt": dt,
                      "train/tok_per_sec": tok_per_sec, "train/mfu": mfu}, wandb_too=step % 100 == 0)
         step += 1
-        if step == first_step_of_run + 1:  # after the first step: freeze what is alive, avoid ~500 ms GC pauses
-            gc.collect()
-            gc.freeze()
-            gc.disable()
-        elif step % 5000 == 0:
-            gc.collect()
+        run.after_step(step)  # GC frozen after the first step, avoiding ~500 ms pauses
 
     # --- summary (leaderboard keys)
-    if timed_steps:
-        tok_per_sec = total_batch_size * timed_steps / total_training_time
-    mean_mfu = 100 * flops_per_token * tok_per_sec / (peak_flops * world) if timed_steps else 0.0
+    mean_tok_per_sec, mean_mfu = run.mean_rates(total_batch_size, flops_per_token)
     summary = {
-        "total_training_time": total_training_time,
+        "total_training_time": run.total_training_time,
         "total_training_flops": flops_per_token * total_batch_size * num_iterations,
-        "min_val_bpb": None if math.isinf(min_val_bpb) else min_val_bpb,
-        "val_bpb": val_bpb,
+        "min_val_bpb": None if math.isinf(run.min_val_bpb) else run.min_val_bpb,
+        "val_bpb": run.val_bpb,
         "core_metric": core_metric,
         "step": num_iterations,
-        "mfu": mean_mfu if math.isfinite(mean_mfu) else 0.0,
-        "tok_per_sec": tok_per_sec if timed_steps else None,
-        "final_train_loss": smooth_train_loss / (1 - 0.9 ** max(num_iterations, 1)),
-        "timed_steps": timed_steps,
+        "mfu": mean_mfu,
+        "tok_per_sec": mean_tok_per_sec,
+        "final_train_loss": run.smooth_train_loss / (1 - 0.9 ** max(num_iterations, 1)),
+        "timed_steps": run.timed_steps,
         "depth": args.depth, "model_dim": plan.model_dim, "num_params": counts["total"],
         "num_scaling_params": plan.scaling_params, "flops_per_token": flops_per_token,
         "total_batch_size": total_batch_size, "grad_accum_steps": grad_accum_steps, "world_size": world,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
-        "compute_dtype": str(COMPUTE_DTYPE).removeprefix("torch."), "fp8": fp8_enabled, "compiled": use_compile, **attention_info,
-        "peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+        **run.environment(use_compile, fp8=fp8_enabled),
         "final_step": step,
     }
-    if master:
-        ckpt.atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
-        say(f"Total training time: {total_training_time / 60:.2f}m | Minimum validation bpb: {summary['min_val_bpb']}")
-        if wandb_run is not None:
-            wandb_run.summary.update({k: v for k, v in summary.items() if v is not None})
-            wandb_run.finish()
-    compute_cleanup()
-    stop.restore()
-    return summary
+    return run.finish(summary)
 
 
 if __name__ == "__main__":
