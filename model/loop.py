@@ -24,9 +24,11 @@ what a run computes; it imports nothing a stage gates (in-training CORE, samplin
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -35,11 +37,24 @@ from pathlib import Path
 import torch
 
 from model import checkpoint as ckpt
-from model.common import (COMPUTE_DTYPE, autodetect_device_type, compute_cleanup, compute_init, decide_compile,
+from model.common import (ATTENTION_CHOICES, COMPUTE_DTYPE, autodetect_device_type, compute_cleanup, compute_init, decide_compile,
                           get_peak_flops, setup_attention, synchronize)
 from model.loss_eval import evaluate_bpb
 from model.run_control import StopSignal, die_with_parent, hold_run_dir
 from model.run_log import TIMING_WARMUP_STEPS, MetricsLog, start_wandb
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """The options both trainers end their command line with: where wandb logs, and the attention backend.
+    Added last, in this order: the order of a run's options is the order of user_config in its checkpoints."""
+    a = p.add_argument
+    a("--wandb-mode", default=os.environ.get("WANDB_MODE", "offline"), choices=["offline", "online", "disabled"])
+    a("--wandb-id", default="", help="wandb run id (default: fixed by --out-dir, so a restart resumes the run)")
+    a("--wandb-group", default="", help="wandb group (the pipeline groups the stages of one flow run)")
+    a("--wandb-dir", default="", help="where wandb writes its run directory (default: --out-dir); the pipeline "
+                                      "uses one per store, so offline runs outlive rebuilt artifacts")
+    a("--attention", default="auto", choices=ATTENTION_CHOICES,
+      help="attention backend: auto (best available), fused (FA3/FA4 or fail), fa3, fa4, flex, sdpa")
 
 
 class TrainingRun:

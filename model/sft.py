@@ -20,7 +20,13 @@ the hub), --save-every, --resume auto, --compile, --wandb-mode. What this run do
 
 Writes to --out-dir: checkpoints/ (same format as model/train.py: model, meta, per-rank optimizer and loader
 state, complete_ marker), metrics.jsonl, summary.json. With --resume auto a killed run continues from its last
-complete checkpoint and, on CPU, ends bitwise where an uninterrupted run ends.
+complete checkpoint and, on CPU, ends bitwise where an uninterrupted run ends. SIGTERM saves and exits 75 as
+model/train.py does (model/run_control.py).
+
+Above main(): the pure helpers (inherited hyper-parameters, schedules, the masked loss) and the set-up pieces
+only SFT has (optimizer warm start, ChatCORE). main() is a straight script like model/train.py's; the
+machinery the two share (process set-up, resume, checkpoint save and pruning, step timing and GC, wandb and
+metrics.jsonl, summary.json) is model/loop.py's TrainingRun.
 """
 
 from __future__ import annotations
@@ -37,9 +43,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from model import checkpoint as ckpt  # noqa: E402
-from model.common import ATTENTION_CHOICES  # noqa: E402
 from model.gpt import GPTConfig, build_model  # noqa: E402
-from model.loop import TrainingRun  # noqa: E402
+from model.loop import TrainingRun, add_run_options  # noqa: E402
 from model.run_control import check_finite  # noqa: E402
 from model.sft_loader import SFTLoader  # noqa: E402
 from model.tokenizer import Tokenizer, load_token_bytes  # noqa: E402
@@ -103,13 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--resume", default="auto", choices=["auto", "none"], help="auto: continue from the last complete checkpoint")
     a("--compile", default="auto", choices=["auto", "on", "off"],
       help="torch.compile of the model and the optimizer (auto: on CUDA; on CPU when the run is long enough to pay)")
-    a("--wandb-mode", default=os.environ.get("WANDB_MODE", "offline"), choices=["offline", "online", "disabled"])
-    a("--wandb-id", default="", help="wandb run id (default: fixed by --out-dir, so a restart resumes the run)")
-    a("--wandb-group", default="", help="wandb group (the pipeline groups the stages of one flow run)")
-    a("--wandb-dir", default="", help="where wandb writes its run directory (default: --out-dir); the pipeline "
-                                      "uses one per store, so offline runs outlive rebuilt artifacts")
-    a("--attention", default="auto", choices=ATTENTION_CHOICES,
-      help="attention backend: auto (best available), fused (FA3/FA4 or fail), fa3, fa4, flex, sdpa")
+    add_run_options(p)  # --wandb-*, --attention (model/loop.py)
     args = p.parse_args(argv)
     args.sources = dict(args.__dict__.pop("source"))  # NAME=PATH items; a repeated NAME keeps the last
     if args.sources and args.data:

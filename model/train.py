@@ -11,6 +11,11 @@ position, RNG, step and accumulated total_training_time; on CPU it ends bitwise 
 run ends. SIGTERM (Ctrl-C in torchrun, a cancel) finishes the step in flight, saves a checkpoint and exits
 75; a non-finite loss stops the run with an error (model/run_control.py). Prefect never appears here: a
 researcher runs this alone.
+
+main() reads top to bottom like the reference's script: the plan, the model, the optimizer and data, then the
+loop (evaluations at their cadence, checkpoint, one optimizer step) and the summary. The machinery it shares
+with model/sft.py (process set-up, resume, checkpoint save and pruning, step timing and GC, wandb and
+metrics.jsonl, summary.json) is model/loop.py's TrainingRun.
 """
 
 from __future__ import annotations
@@ -23,11 +28,10 @@ from pathlib import Path
 
 os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")  # before torch initialises CUDA
 
-from model.common import ATTENTION_CHOICES  # noqa: E402
 from model.data import read_shard_paths  # noqa: E402
 from model.dataloader import BestFitLoader, val_loader  # noqa: E402
 from model.gpt import GPTConfig, build_model  # noqa: E402
-from model.loop import TrainingRun  # noqa: E402
+from model.loop import TrainingRun, add_run_options  # noqa: E402
 from model.optim import get_lr_multiplier, get_muon_momentum, get_weight_decay  # noqa: E402
 from model.run_control import check_finite  # noqa: E402
 from model.sizing import plan_training  # noqa: E402
@@ -78,13 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--compile", default="auto", choices=["auto", "on", "off"],
       help="torch.compile of the model and the optimizer (auto: on CUDA; on CPU when the run is long enough to pay)")
     a("--keep-checkpoints", type=int, default=2, help="complete checkpoints kept on disk (older ones are pruned)")
-    a("--wandb-mode", default=os.environ.get("WANDB_MODE", "offline"), choices=["offline", "online", "disabled"])
-    a("--wandb-id", default="", help="wandb run id (default: fixed by --out-dir, so a restart resumes the run)")
-    a("--wandb-group", default="", help="wandb group (the pipeline groups the stages of one flow run)")
-    a("--wandb-dir", default="", help="where wandb writes its run directory (default: --out-dir); the pipeline "
-                                      "uses one per store, so offline runs outlive rebuilt artifacts")
-    a("--attention", default="auto", choices=ATTENTION_CHOICES,
-      help="attention backend: auto (best available), fused (FA3/FA4 or fail), fa3, fa4, flex, sdpa")
+    add_run_options(p)  # --wandb-*, --attention (model/loop.py)
     return p.parse_args(argv)
 
 
