@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from model.common import COMPUTE_DTYPE, autodetect_device_type, get_peak_flops
-from model.gpt import GPT, GPTConfig
+from model.gpt import GPTConfig, build_model
 from model.sizing import ModelShape
 
 
@@ -67,10 +67,7 @@ def build(args, device, fp8: bool):
                        n_head=shape.n_head, n_kv_head=shape.n_head, n_embd=shape.model_dim,
                        window_pattern=args.window_pattern)
     torch.manual_seed(42)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device=device)
-    model.init_weights()
+    model = build_model(config, device)
     if fp8:
         from ops.fp8 import convert_to_float8_training
 
