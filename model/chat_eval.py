@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from model.chat_data import CHAT_EVAL_TASKS, chat_eval_task, chatcore
+from model.chat_render import render_for_completion
 from model.checkpoint import atomic_write_text, load_model
 from model.common import (ATTENTION_CHOICES, autodetect_device_type, compute_cleanup, compute_init, print0,
                           setup_attention)
@@ -132,7 +133,7 @@ def evaluate_categorical(model, tokenizer, task, name: str, num_problems: int, b
     records: list[dict] = []
     for indices in mine:
         conversations = [task[i] for i in indices]
-        prompts = [tokenizer.render_for_completion(c) for c in conversations]
+        prompts = [render_for_completion(tokenizer, c) for c in conversations]
         width = max(len(p) for p in prompts)
         ids = torch.tensor([p + [bos] * (width - len(p)) for p in prompts], dtype=torch.long, device=device)
         logits = model(ids)  # B x T x V
@@ -161,7 +162,7 @@ def evaluate_generative(model, tokenizer, task, name: str, num_problems: int, *,
     for start in range(0, len(mine), group):
         indices = mine[start:start + group]
         conversations = [task[i] for i in indices]
-        prompts = [tokenizer.render_for_completion(c) for c in conversations]
+        prompts = [render_for_completion(tokenizer, c) for c in conversations]
         if group > 1:
             outputs = engine.generate_prompts(prompts, max_tokens=max_new_tokens, temperature=0.0, top_k=top_k,
                                               seed=seed)

@@ -18,7 +18,7 @@ import pytest
 
 from model import chat_data as cd
 from model import sft_data as sd
-from model.tokenizer import ConversationError
+from model.chat_render import ConversationError
 
 
 @pytest.fixture(scope="module", autouse=True)
