@@ -33,10 +33,11 @@ import torch.distributed as dist
 
 from model.chat_data import CHAT_EVAL_TASKS, chat_eval_task, chatcore
 from model.chat_render import render_for_completion
-from model.checkpoint import atomic_write_text, load_model
-from model.common import (ATTENTION_CHOICES, autodetect_device_type, compute_cleanup, compute_init, print0,
+from model.checkpoint import load_model
+from model.common import (ATTENTION_CHOICES, autodetect_device_type, compute_cleanup, compute_init, dist_info, print0,
                           setup_attention)
 from model.core_eval import evaluation_mode
+from model.files import atomic_write_text
 from model.engine import Engine
 from model.tokenizer import Tokenizer
 
@@ -46,23 +47,17 @@ PROGRESS_LINES = 10  # progress lines per task on rank 0
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def _dist_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _sum_across_ranks(values: Sequence[int], device) -> list[int]:
     tensor = torch.tensor(list(values), dtype=torch.long, device=device)
-    if _dist_info()[1] > 1:
+    if dist_info()[1] > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor.tolist()
 
 
 def _gather_records(records: list[dict]) -> list[dict]:
     """Every rank's records, on every rank, sorted by problem index."""
-    if _dist_info()[1] > 1:
-        parts: list = [None] * _dist_info()[1]
+    if dist_info()[1] > 1:
+        parts: list = [None] * dist_info()[1]
         dist.all_gather_object(parts, records)
         records = [r for part in parts for r in part]
     return sorted(records, key=lambda r: r["index"])
@@ -123,7 +118,7 @@ class _Progress:
 def evaluate_categorical(model, tokenizer, task, name: str, num_problems: int, batch_size: int,
                          log: Callable[[str], None]) -> list[dict]:
     """This rank's records {"index", "prediction", "gold", "correct"} (batches b = rank, rank + W, ...)."""
-    rank, world = _dist_info()
+    rank, world = dist_info()
     device = model.get_device()
     bos = tokenizer.get_bos_token_id()
     letter_cache: dict[str, int] = {}
@@ -152,7 +147,7 @@ def evaluate_generative(model, tokenizer, task, name: str, num_problems: int, *,
                         temperature: float, top_k: int | None, seed: int, batch_size: int, batched: bool,
                         log: Callable[[str], None]) -> list[dict]:
     """This rank's records {"index", "completions", "correct"} (problems rank, rank + W, ...)."""
-    rank, world = _dist_info()
+    rank, world = dist_info()
     engine = Engine(model, tokenizer)
     mine = list(range(rank, num_problems, world))
     progress = _Progress(name, len(mine), log)
@@ -202,7 +197,7 @@ def evaluate_tasks(model, tokenizer, task_names: str | Sequence[str], data_dir, 
             t0 = time.time()
             task = chat_eval_task(name, data_dir)
             n = len(task) if max_problems is None else min(len(task), max_problems)
-            log(f"{name}: {n} problems ({task.eval_type}) on {_dist_info()[1]} rank(s)")
+            log(f"{name}: {n} problems ({task.eval_type}) on {dist_info()[1]} rank(s)")
             if task.eval_type == "categorical":
                 records = evaluate_categorical(model, tokenizer, task, name, n, batch_size, log)
             elif task.eval_type == "generative":

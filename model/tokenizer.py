@@ -20,15 +20,16 @@ from __future__ import annotations
 import base64
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 if TYPE_CHECKING:  # torch is imported where token_bytes are made or read: the orchestrator never pays for it
     import torch
 
 import rustbpe
 import tiktoken
+
+from model.files import atomic_write
 
 # GPT-4's split pattern with digit runs grouped by at most two (`\p{N}{1,2}`, GPT-4 has {1,3}):
 # the reference measured the best val_bpb with {1,2} at d12 / 32K vocab.
@@ -192,7 +193,7 @@ class Tokenizer:
         return torch.tensor(lengths, dtype=torch.int32)
 
     def save(self, directory: str | os.PathLike) -> None:
-        """Write the three tokenizer files, each atomically (temp file + os.replace)."""
+        """Write the three tokenizer files, each atomically (model/files.py atomic_write)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         ranks = self._mergeable_ranks()
@@ -209,10 +210,10 @@ class Tokenizer:
         import torch
 
         token_bytes = self.token_bytes()
-        _write_atomic(directory / RANKS_FILE, lambda f: f.write(rank_lines))
-        _write_atomic(directory / TOKEN_BYTES_FILE, lambda f: torch.save(token_bytes, f))
+        atomic_write(directory / RANKS_FILE, lambda f: f.write(rank_lines))
+        atomic_write(directory / TOKEN_BYTES_FILE, lambda f: torch.save(token_bytes, f))
         # The metadata goes last, so a directory with tokenizer.json has everything else too.
-        _write_atomic(directory / META_FILE, lambda f: f.write(json.dumps(meta, indent=2).encode()))
+        atomic_write(directory / META_FILE, lambda f: f.write(json.dumps(meta, indent=2).encode()))
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> Tokenizer:
@@ -242,20 +243,6 @@ def _require_file(path: Path) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: the tokenizer stage must run first to create it")
     return path
-
-
-def _write_atomic(path: Path, write: Callable) -> None:
-    """Readers see the old file or the complete new one, never a partial write."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
 
 
 def load_token_bytes(directory: str | os.PathLike, device: str | torch.device = "cpu") -> torch.Tensor:

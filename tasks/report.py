@@ -47,6 +47,7 @@ from pathlib import Path
 import yaml
 from prefect.logging import get_run_logger
 
+from model.files import atomic_write_bytes
 from tasks.cache import StageOutput, run_stage, stage_task
 from tasks.config import ConfigError, SpeedrunConfig, build_config, load_config
 from tasks.environment import package_version
@@ -55,7 +56,7 @@ from tasks.plots import save_png, two_panels
 from tasks.publish import log_wandb, offline_wandb_runs, publish
 from tasks.stages import STAGES as STAGE_REGISTRY
 from tasks.stages import code_fingerprint, key_section
-from tasks.store import atomic_write_bytes, atomic_write_json, canonical_json, git_commit, read_manifest, sha256_bytes
+from tasks.store import atomic_write_json, canonical_json, git_commit, read_manifest, sha256_bytes
 from tasks.verdict import (HISTORY_MIN_RUNS, HISTORY_REL_FLOOR, HISTORY_SIGMAS, check_baseline, curve_failures,
                            format_value, gate, history_verdict, judge, verdict_line)
 
