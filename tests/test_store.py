@@ -44,8 +44,11 @@ def test_store_layout(tmp_path):
     assert s.root == (tmp_path / "st").resolve()
     assert s.stage_dir("pretrain", "k") == s.root / "stages" / "pretrain" / "k"
     assert s.results_dir == s.root / "prefect-results"
-    assert s.shards_dir("src-a") == s.shards_dir("src-a") != s.shards_dir("src-b")
-    assert s.shards_dir("src-a").parent == s.root / "shards"
+    # shards are shared by source: the directory is named by the source alone, the same in any store
+    shards = s.shards_dir("src-a")
+    assert shards == s.root / "shards" / hashlib.sha256(b"src-a").hexdigest()[:16]
+    assert Store(tmp_path / "other").shards_dir("src-a").name == shards.name
+    assert s.shards_dir("src-b") != shards
     lock = s.lock("pretrain", "k", lease_s=5)
     assert lock.path.parent == s.root / "locks" and lock.lease_s == 5
 
