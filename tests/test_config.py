@@ -31,6 +31,8 @@ from tasks.config import (
     list_presets,
     load_config,
     parse_set,
+    resolve_config,
+    validate_config,
 )
 
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -525,3 +527,20 @@ def test_core_example_cap_must_leave_room_for_ten_shots(field):
         load_config("d24", sets=[f"{field}=8"])
     assert field in str(exc_info.value) and "fix" in str(exc_info.value) and "10-shot" in str(exc_info.value)
     assert load_config("d24", sets=[f"{field}=11"])  # 10 shots + the example itself
+
+
+def test_validation_does_no_io_and_resolution_fails_early(monkeypatch, tmp_path):
+    """validate_config reads only the preset: no mirror check, no shard listing; resolve_config does those and
+    keeps their messages."""
+    def no_listing(source, **kwargs):
+        raise AssertionError(f"validate_config listed {source}")
+
+    monkeypatch.setattr("tasks.config.list_source_shards", no_listing)
+    missing = str(tmp_path / "no-mirror")
+    cfg = validate_config("smoke", overrides={"data.source": "https://h/pretrain"}, mirror=missing,
+                          store=str(tmp_path / "store"))
+    assert cfg.runtime.mirror == missing and cfg.data.val_shard is None and not (tmp_path / "store").exists()
+    with pytest.raises(ConfigError, match="runtime.mirror: .*no-mirror is not a directory; fix: point --mirror"):
+        resolve_config(cfg)
+    with pytest.raises(ConfigError, match="pretrain.depth"):  # a bad option fails in validation already
+        validate_config("smoke", sets=["pretrain.depth=0"], mirror=missing)
