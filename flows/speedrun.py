@@ -26,7 +26,7 @@ from prefect.states import Completed
 from tasks.base_eval import base_eval_options, base_eval_section, base_eval_stage
 from tasks.cache import record_name, with_store
 from tasks.chat_eval import chat_eval_options, chat_eval_section, chat_eval_stage
-from tasks.config import ConfigError, SpeedrunConfig, load_config, parse_set
+from tasks.config import ConfigError, SpeedrunConfig, parse_set, resolve_config, validate_config
 from tasks.eval_bundle import eval_bundle_options, eval_bundle_section, eval_bundle_stage
 from tasks.launch import attention_backend
 from tasks.pretrain import pretrain_options, pretrain_section, pretrain_stage
@@ -138,8 +138,9 @@ def run_name() -> str:
 def speedrun(preset: str = "smoke", overrides: dict | None = None, refresh: list[str] | None = None,
              mirror: str | None = None, store: str | None = None, until: str | None = None,
              verify: bool = False) -> dict:
-    cfg = load_config(preset, overrides, mirror=mirror, store=store)  # validated before any stage runs
+    cfg = validate_config(preset, overrides, mirror=mirror, store=store)  # no I/O: a bad option fails at once
     check_until(until)
+    cfg = resolve_config(cfg)  # the mirror, the source's shards, local paths: still before any stage runs
     attention = attention_backend(cfg.runtime, cfg.pretrain.device_type)  # a backend this node lacks fails now
     report_config = report_section(cfg)  # a missing regression baseline fails now, not after training
     logger = get_run_logger()
@@ -226,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     # Validate before starting Prefect, so a bad config fails in a second, not after server start-up.
     try:
         overrides = parse_set(args.sets)
-        cfg = load_config(args.preset, overrides, mirror=args.mirror, store=args.store)
+        cfg = resolve_config(validate_config(args.preset, overrides, mirror=args.mirror, store=args.store))
         report_section(cfg)
         attention_backend(cfg.runtime, cfg.pretrain.device_type)
         stages_to_refresh(args.refresh)

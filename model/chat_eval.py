@@ -32,10 +32,12 @@ import torch
 import torch.distributed as dist
 
 from model.chat_data import CHAT_EVAL_TASKS, chat_eval_task, chatcore
-from model.checkpoint import atomic_write_text, load_model
-from model.common import (ATTENTION_CHOICES, autodetect_device_type, compute_cleanup, compute_init, print0,
+from model.chat_render import render_for_completion
+from model.checkpoint import load_model
+from model.common import (ATTENTION_CHOICES, autodetect_device_type, compute_cleanup, compute_init, dist_info, print0,
                           setup_attention)
 from model.core_eval import evaluation_mode
+from model.files import atomic_write_text
 from model.engine import Engine
 from model.tokenizer import Tokenizer
 
@@ -45,23 +47,17 @@ PROGRESS_LINES = 10  # progress lines per task on rank 0
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def _dist_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _sum_across_ranks(values: Sequence[int], device) -> list[int]:
     tensor = torch.tensor(list(values), dtype=torch.long, device=device)
-    if _dist_info()[1] > 1:
+    if dist_info()[1] > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor.tolist()
 
 
 def _gather_records(records: list[dict]) -> list[dict]:
     """Every rank's records, on every rank, sorted by problem index."""
-    if _dist_info()[1] > 1:
-        parts: list = [None] * _dist_info()[1]
+    if dist_info()[1] > 1:
+        parts: list = [None] * dist_info()[1]
         dist.all_gather_object(parts, records)
         records = [r for part in parts for r in part]
     return sorted(records, key=lambda r: r["index"])
@@ -122,7 +118,7 @@ class _Progress:
 def evaluate_categorical(model, tokenizer, task, name: str, num_problems: int, batch_size: int,
                          log: Callable[[str], None]) -> list[dict]:
     """This rank's records {"index", "prediction", "gold", "correct"} (batches b = rank, rank + W, ...)."""
-    rank, world = _dist_info()
+    rank, world = dist_info()
     device = model.get_device()
     bos = tokenizer.get_bos_token_id()
     letter_cache: dict[str, int] = {}
@@ -132,7 +128,7 @@ def evaluate_categorical(model, tokenizer, task, name: str, num_problems: int, b
     records: list[dict] = []
     for indices in mine:
         conversations = [task[i] for i in indices]
-        prompts = [tokenizer.render_for_completion(c) for c in conversations]
+        prompts = [render_for_completion(tokenizer, c) for c in conversations]
         width = max(len(p) for p in prompts)
         ids = torch.tensor([p + [bos] * (width - len(p)) for p in prompts], dtype=torch.long, device=device)
         logits = model(ids)  # B x T x V
@@ -151,7 +147,7 @@ def evaluate_generative(model, tokenizer, task, name: str, num_problems: int, *,
                         temperature: float, top_k: int | None, seed: int, batch_size: int, batched: bool,
                         log: Callable[[str], None]) -> list[dict]:
     """This rank's records {"index", "completions", "correct"} (problems rank, rank + W, ...)."""
-    rank, world = _dist_info()
+    rank, world = dist_info()
     engine = Engine(model, tokenizer)
     mine = list(range(rank, num_problems, world))
     progress = _Progress(name, len(mine), log)
@@ -161,7 +157,7 @@ def evaluate_generative(model, tokenizer, task, name: str, num_problems: int, *,
     for start in range(0, len(mine), group):
         indices = mine[start:start + group]
         conversations = [task[i] for i in indices]
-        prompts = [tokenizer.render_for_completion(c) for c in conversations]
+        prompts = [render_for_completion(tokenizer, c) for c in conversations]
         if group > 1:
             outputs = engine.generate_prompts(prompts, max_tokens=max_new_tokens, temperature=0.0, top_k=top_k,
                                               seed=seed)
@@ -201,7 +197,7 @@ def evaluate_tasks(model, tokenizer, task_names: str | Sequence[str], data_dir, 
             t0 = time.time()
             task = chat_eval_task(name, data_dir)
             n = len(task) if max_problems is None else min(len(task), max_problems)
-            log(f"{name}: {n} problems ({task.eval_type}) on {_dist_info()[1]} rank(s)")
+            log(f"{name}: {n} problems ({task.eval_type}) on {dist_info()[1]} rank(s)")
             if task.eval_type == "categorical":
                 records = evaluate_categorical(model, tokenizer, task, name, n, batch_size, log)
             elif task.eval_type == "generative":

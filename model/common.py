@@ -5,7 +5,8 @@
 - autodetect_device_type(): cuda, else mps, else cpu.
 - get_peak_flops(device_name): peak dense BF16 FLOP/s of a GPU from its name, for MFU.
 - print0(...): print on global rank 0 only.
-- compute_init(device_type): seed, precision and (under torchrun) the process group; synchronize(device).
+- compute_init(device_type): seed, precision and (under torchrun) the process group; synchronize(device);
+  dist_info(): (rank, world_size), (0, 1) outside a process group.
 - decide_compile(mode, device_type, planned_steps): whether a training run compiles (--compile auto|on|off).
 - setup_attention(requested, device_type): choose the attention backend (--attention), say which and why.
 """
@@ -197,6 +198,13 @@ def setup_attention(requested: str, device_type: str, say=print) -> dict:
         raise SystemExit(f"--attention {requested}: {exc}") from None
     say(f"attention: {selection.backend} ({selection.reason})")
     return selection.as_dict()
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world_size); (0, 1) when no process group is initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def compute_cleanup() -> None:

@@ -2,10 +2,10 @@
 
 A bundle is a directory holding `core.yaml` (the `icl_tasks` list), `eval_meta_data.csv` (the
 expected CORE task set and each task's random baseline, in percent) and `eval_data/` (one JSONL
-file per task). `load_bundle` turns it into a `Bundle` of `CoreTask`s, `load_task_data` reads and
-checks one task's rows, and `bundle_fingerprint` hashes what a CORE score depends on, so the
-pipeline can content-address the bundle. Every problem is a `BundleError` that names the file
-(and line, or core.yaml entry) at fault and says how to fix it.
+file per task). `load_bundle` turns it into a `Bundle` of `CoreTask`s and `load_task_data` reads and
+checks one task's rows. Every problem is a `BundleError` that names the file (and line, or
+core.yaml entry) at fault and says how to fix it. The pipeline content-addresses the bundle by its
+bytes (tasks/eval_bundle.py `bundle_identity`, and the eval_bundle artifact's content hash).
 
 Pure Python: no torch, no prefect.
 """
@@ -13,7 +13,6 @@ Pure Python: no torch, no prefect.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -289,29 +288,3 @@ def load_task_data(task: CoreTask) -> list[dict]:
     if not rows:
         raise BundleError(f"data file {task.path} of task '{task.label}' has no rows; {fix}")
     return rows
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def bundle_fingerprint(bundle: Bundle) -> dict:
-    """Content hashes of what a CORE score depends on: core.yaml, the CSV and each present task's data."""
-    return {
-        "core_yaml_sha256": _sha256(bundle.core_yaml_path),
-        "meta_csv_sha256": _sha256(bundle.meta_csv_path),
-        "tasks": [
-            {
-                "label": task.label,
-                "dataset_uri": task.dataset_uri,
-                "bytes": task.path.stat().st_size,
-                "sha256": _sha256(task.path),
-            }
-            for task in bundle.tasks
-        ],
-        "missing": list(bundle.missing),
-    }

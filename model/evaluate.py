@@ -18,13 +18,14 @@ from pathlib import Path
 
 import torch
 
-from model.checkpoint import atomic_write_text, load_model
+from model.checkpoint import load_model
 from model.common import ATTENTION_CHOICES, autodetect_device_type, compute_cleanup, compute_init, setup_attention
 from model.core_eval import METHODS, evaluate_core, write_core_csv
 from model.data import read_shard_paths
 from model.dataloader import BestFitLoader
 from model.engine import SAMPLE_PROMPTS, Engine
 from model.eval_bundle import load_bundle
+from model.files import atomic_write_text
 from model.loss_eval import evaluate_bpb
 from model.tokenizer import Tokenizer, load_token_bytes
 

@@ -39,6 +39,8 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from model.common import dist_info
+
 # Polar Express coefficients (a, b, c) per iteration (Amsel et al., arXiv 2505.16932;
 # num_iters=5, safety 2e-2, cushion 2), spec/04 §3 step 5.
 POLAR_EXPRESS_COEFFS: tuple[tuple[float, float, float], ...] = (
@@ -218,21 +220,10 @@ class StepFunction:
 
 
 def _use_bf16() -> bool:
-    """True when the project-wide compute dtype (model.common.COMPUTE_DTYPE) is bf16."""
-    try:
-        from model.common import COMPUTE_DTYPE
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("model.common", "model"):
-            raise
-        return False
-    return COMPUTE_DTYPE == torch.bfloat16
+    """True when the project-wide compute dtype (model.common.COMPUTE_DTYPE) is bf16 (read at each call)."""
+    from model import common
 
-
-def _dist_info() -> tuple[int, int]:
-    """(rank, world_size); (0, 1) when no process group is initialised."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return common.COMPUTE_DTYPE == torch.bfloat16
 
 
 # Prefer the torch 2.13 names; fall back to the older ones (torch 2.11/2.12).
@@ -333,7 +324,7 @@ class MuonAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        rank, world = _dist_info()
+        rank, world = dist_info()
         if world == 1:
             self._step_local()
         else:

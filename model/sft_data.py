@@ -18,7 +18,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from model.chat_data import GSM8K, MMLU, ShuffledRows, Task, TaskMixture, held_out_order, load_rows, load_local_file
-from model.tokenizer import ConversationError, check_conversation
+from model.chat_render import ConversationError, check_conversation
 
 def check_training_conversation(conversation: dict, where: str) -> None:
     """A training conversation: valid chat format with at least one assistant reply."""

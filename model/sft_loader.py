@@ -30,13 +30,18 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from model.chat_render import render_conversation
+
 DEFAULT_BUFFER_SIZE = 100  # rendered conversations the best-fit choice looks at
 RENDER_MAX_TOKENS = 2048  # render_conversation truncates every conversation to this many tokens
 STATE_FORMAT = 1
 
 
 class ConversationTokenizer(Protocol):
-    def render_conversation(self, conversation: dict, max_tokens: int = ...) -> tuple[list[int], list[int]]: ...
+    """What model/chat_render.py needs from a tokenizer, plus the vocabulary size."""
+
+    def encode(self, text: str) -> list[int]: ...
+    def encode_special(self, text: str) -> int: ...
     def get_bos_token_id(self) -> int: ...
     def get_vocab_size(self) -> int: ...
 
@@ -162,7 +167,7 @@ class SFTLoader:
 
     def _render(self, index: int) -> tuple[list[int], list[int]]:
         try:
-            ids, mask = self.tokenizer.render_conversation(self.dataset[index], max_tokens=self.max_tokens)
+            ids, mask = render_conversation(self.tokenizer, self.dataset[index], max_tokens=self.max_tokens)
         except ValueError as exc:
             raise ValueError(f"{self.name} conversation {index}: {exc}") from exc
         if len(ids) != len(mask) or not ids:

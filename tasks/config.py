@@ -4,8 +4,10 @@ A run is `preset + overrides`. Presets are small partial YAML files in deploymen
 come from the CLI (`--set pretrain.fp8=false`), Prefect parameters or the UI form. `--depth` is the
 single dial: width, heads, batch size, LR/WD scaling and the horizon derive from it (model/sizing.py).
 
-Everything is validated before any stage runs. Errors are collected into one `ConfigError` whose lines
-each name the field, what is wrong, and the fix.
+Everything is checked before any stage runs, in two steps: `validate_config` (keys, types, ranges, rules
+across fields; no I/O) and `resolve_config` (the mirror, the source's shard listing, local paths);
+`load_config` does both. Errors are collected into one `ConfigError` whose lines each name the field, what
+is wrong, and the fix.
 """
 
 from __future__ import annotations
@@ -91,7 +93,8 @@ class PretrainConfig(Section):
     run: str = Field("dummy", description="wandb run name; 'dummy' disables wandb")
     device_type: Literal["", "cuda", "cpu", "mps"] = Field("", description="'' inherits runtime.device_type")
     fp8: bool = Field(False, description="FP8 training of eligible Linear layers (CUDA only)")
-    fp8_recipe: Literal["tensorwise", "rowwise"] = Field("tensorwise", description="only tensorwise is implemented")
+    fp8_recipe: Literal["tensorwise"] = Field("tensorwise", description="FP8 scaling: tensorwise, the only recipe "
+                                              "implemented in ops/fp8.py")
     depth: int = Field(20, ge=1, le=128, description="number of layers: the single complexity dial")
     aspect_ratio: int = Field(64, ge=1, description="model_dim ~ depth x aspect_ratio")
     head_dim: int = Field(128, ge=2, description="target head dimension (even, for RoPE)")
@@ -152,13 +155,6 @@ class PretrainConfig(Section):
     @classmethod
     def _max_per_task(cls, v: int) -> int:
         return _check_max_per_task(v)
-
-    @field_validator("fp8_recipe")
-    @classmethod
-    def _recipe(cls, v: str) -> str:
-        if v == "rowwise":
-            raise ValueError("rowwise FP8 is not implemented; use tensorwise")
-        return v
 
 
 CORE_MAX_FEWSHOT = 10  # the CORE tasks use up to 10-shot prompts
@@ -515,9 +511,13 @@ def build_config(data: dict) -> SpeedrunConfig:
         raise ConfigError([_describe(err) for err in e.errors()]) from None
 
 
-def load_config(preset: str = "smoke", overrides: dict | None = None, sets: list[str] | None = None,
-                mirror: str | None = None, store: str | None = None) -> SpeedrunConfig:
-    """preset + overrides (+ CLI --set items), validated and resolved; raises ConfigError."""
+def validate_config(preset: str = "smoke", overrides: dict | None = None, sets: list[str] | None = None,
+                    mirror: str | None = None, store: str | None = None) -> SpeedrunConfig:
+    """preset + overrides (+ CLI --set items), validated: keys, types, ranges and the rules across fields.
+
+    Pure: nothing is read but the preset file. The inputs stay as written (the mirror not applied, the
+    validation shard maybe unknown): `resolve_config` is the step that looks at the filesystem and the source.
+    Raises ConfigError."""
     data = _merge(read_preset(preset), _flatten_dotted(overrides or {}))
     data = _merge(data, parse_set(sets or []))
     data["preset"] = preset
@@ -526,11 +526,19 @@ def load_config(preset: str = "smoke", overrides: dict | None = None, sets: list
         runtime["mirror"] = mirror
     if store is not None:
         runtime["store"] = store
-    return resolve_config(build_config(data))
+    return build_config(data)
+
+
+def load_config(preset: str = "smoke", overrides: dict | None = None, sets: list[str] | None = None,
+                mirror: str | None = None, store: str | None = None) -> SpeedrunConfig:
+    """`validate_config` then `resolve_config`: a config ready to run; raises ConfigError."""
+    return resolve_config(validate_config(preset, overrides, sets, mirror, store))
 
 
 def resolve_config(cfg: SpeedrunConfig) -> SpeedrunConfig:
-    """Point sources at the mirror, resolve the validation shard, check local paths exist."""
+    """The I/O step after validation: point sources at the mirror, resolve the store path, find the validation
+    shard (listing the source's shards, over the network for a remote source), check local paths exist.
+    Raises ConfigError naming each field and its fix."""
     problems: list[str] = []
     data, base_eval, sft, chat_eval = cfg.data, cfg.base_eval, cfg.sft, cfg.chat_eval
     runtime = cfg.runtime.model_copy(update={"store": str(Path(cfg.runtime.store).expanduser().resolve())})

@@ -37,6 +37,7 @@ from fsspec.utils import get_protocol
 from tqdm import tqdm
 
 from model.data import CorruptShardError, ShardStats, shard_filename, validate_shard
+from model.files import fsync_dir
 from tasks.source_identity import HashCache, is_local, local_path, remote_version
 from tasks.store import atomic_write_json
 
@@ -208,20 +209,6 @@ def _read_chunk(source: IO[bytes], guard: ThreadPoolExecutor | None, timeout_s: 
         raise TimeoutError(f"no data for {timeout_s:g} s") from None
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename inside ``directory`` durable (best effort where unsupported)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _record(index: int, path: Path, size: int, sha256: str, stats: ShardStats) -> ShardRecord:
     return ShardRecord(
         index=index,
@@ -266,7 +253,7 @@ def _download(
             size, sha256 = _stream_to_file(url, tmp, timeout_s, cancelled)
             stats = validate_shard(tmp)
             os.replace(tmp, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
             return _record(index, final, size, sha256, stats)
         except _SourceRejected as exc:
             raise ShardSourceError(

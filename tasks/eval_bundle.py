@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import uuid
 import zipfile
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import fsspec
 from prefect.logging import get_run_logger
 
 from model.eval_bundle import BundleError, load_bundle, load_task_data
+from model.files import atomic_write
 from tasks.cache import StageOutput, run_stage, stage_task
 from tasks.config import SpeedrunConfig
 from tasks.source_identity import HashCache, is_local, local_identity, local_path, remote_version
@@ -86,14 +86,9 @@ def fetch_bundle(source: str, dest: Path, work: Path, log=print) -> None:
     else:
         archive = work / "eval_bundle.zip"
         if not archive.exists():
-            tmp = work / f".eval_bundle.zip.{uuid.uuid4().hex}.tmp"
             log(f"downloading the eval bundle from {source}")
-            try:
-                with fsspec.open(source, "rb", **_streaming(source)) as src, open(tmp, "wb") as out:
-                    shutil.copyfileobj(src, out, length=1 << 20)
-                tmp.replace(archive)
-            finally:
-                tmp.unlink(missing_ok=True)
+            with fsspec.open(source, "rb", **_streaming(source)) as src:
+                atomic_write(archive, lambda out: shutil.copyfileobj(src, out, length=1 << 20))
     unpacked = work / "unzipped"
     shutil.rmtree(unpacked, ignore_errors=True)
     try:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from model.files import atomic_write
 
 
 def two_panels():
@@ -24,7 +25,7 @@ def save_png(fig, path: Path, title: str) -> None:
 
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100, metadata={"Software": None}))
+    finally:
+        plt.close(fig)

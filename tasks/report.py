@@ -14,9 +14,8 @@ with --until, or one without the chat stages, gets "not run" sections) and write
     submission.md   what a leaderboard PR needs: hours, CORE (and whether it beats GPT-2's 0.256525),
                     val bpb, FLOPs, the exact launch command, the commit
 
-The report (plots inline), the CORE table and the trend are published as Prefect artifacts (the trend under
-a key per deployment, so the nightly's trend is not mixed with manual runs) and the summary goes to wandb
-(offline unless runtime.wandb_mode=online).
+The report (plots inline), the CORE table and the trend are published as Prefect artifacts and the summary
+goes to wandb (tasks/publish.py).
 
 The regression verdict is decided in tasks/verdict.py (`judge`: the baseline and the recent history; how to
 record a baseline) and rendered here into report.md (`regression_block`). Its one-line form (`verdict_line`)
@@ -35,11 +34,9 @@ rebuild over unchanged numbers appends no history entry (tasks/history.py is_rep
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import platform
-import re
 import shlex
 import shutil
 import subprocess
@@ -50,14 +47,16 @@ from pathlib import Path
 import yaml
 from prefect.logging import get_run_logger
 
+from model.files import atomic_write_bytes
 from tasks.cache import StageOutput, run_stage, stage_task
 from tasks.config import ConfigError, SpeedrunConfig, build_config, load_config
 from tasks.environment import package_version
 from tasks.history import append_history, history_digest, plot_trend, read_history, trend, trend_markdown, trend_rows
 from tasks.plots import save_png, two_panels
+from tasks.publish import log_wandb, offline_wandb_runs, publish
 from tasks.stages import STAGES as STAGE_REGISTRY
 from tasks.stages import code_fingerprint, key_section
-from tasks.store import atomic_write_bytes, atomic_write_json, canonical_json, git_commit, read_manifest, sha256_bytes
+from tasks.store import atomic_write_json, canonical_json, git_commit, read_manifest, sha256_bytes
 from tasks.verdict import (HISTORY_MIN_RUNS, HISTORY_REL_FLOOR, HISTORY_SIGMAS, check_baseline, curve_failures,
                            format_value, gate, history_verdict, judge, verdict_line)
 
@@ -519,11 +518,6 @@ def write_report(section: dict, upstream: dict, out: Path, options: dict | None 
             "chat_rows": chat_rows(stages), "report": report}
 
 
-def artifact_key(preset: str, what: str) -> str:
-    """Prefect artifact keys allow lowercase letters, digits and dashes."""
-    return re.sub(r"[^a-z0-9-]+", "-", f"speedrun-{preset}-{what}".lower())
-
-
 def add_trend(result: dict, preset: str, out: Path, store_root: Path) -> None:
     """Record this run in the preset's history (tasks/history.py), then add the trend of like runs to the
     report: a section in report.md, trend.png, and the rows for the trend table artifact."""
@@ -534,55 +528,6 @@ def add_trend(result: dict, preset: str, out: Path, store_root: Path) -> None:
     result["report"] += "\n".join(["", f"## Trend: the last {len(rows)} {preset} runs on this hardware", "",
                                     "![trend](trend.png)", "", *trend_markdown(rows), ""])
     atomic_write_bytes(out / "report.md", result["report"].encode())
-
-
-def publish(result: dict, preset: str, out: Path | None = None, deployment: str | None = None) -> None:
-    """The report, CORE, chat-eval and trend artifacts; the trend is keyed by the deployment where there is one
-    (speedrun/nightly's trend is the nightly's, not mixed with manual runs of the same preset)."""
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
-
-    markdown = result["report"]
-    for image in ("val_bpb.png", "trend.png"):  # inline: a relative link shows broken in the UI
-        if out is not None and (out / image).exists():
-            png = base64.b64encode((out / image).read_bytes()).decode()
-            markdown = markdown.replace(f"]({image})", f"](data:image/png;base64,{png})")
-    create_markdown_artifact(key=artifact_key(preset, "report"), markdown=markdown,
-                             description=f"speedrun report ({preset})")
-    if result["core_rows"]:
-        create_table_artifact(key=artifact_key(preset, "core"), table=result["core_rows"],
-                              description="CORE accuracy and centered accuracy per task")
-    if result["chat_rows"]:
-        create_table_artifact(key=artifact_key(preset, "chat-eval"), table=result["chat_rows"],
-                              description="chat-eval accuracy per task")
-    if result.get("trend_rows"):  # a stable key: the UI's artifact page keeps the trend night after night
-        create_table_artifact(key=artifact_key(deployment or preset, "trend"), table=result["trend_rows"],
-                              description=f"the last {len(result['trend_rows'])} {preset} runs on this hardware")
-
-
-def log_wandb(summary: dict, options: dict, work: Path, log) -> None:
-    """The summary as a wandb run's summary (offline by default: `wandb sync` uploads it later)."""
-    if options.get("wandb_mode", "offline") == "disabled":
-        return
-    try:
-        import wandb
-
-        run = wandb.init(project="speedrun", name=options.get("run", "report"), job_type="report",
-                         mode=options.get("wandb_mode", "offline"), dir=str(work), config={"preset": summary["preset"]})
-        # scalars only: the val bpb curve is pretraining's own wandb history already
-        run.summary.update({k: v for k, v in summary.items() if v is not None and not isinstance(v, dict)})
-        run.finish()
-    except Exception as e:  # noqa: BLE001 - a wandb outage must not fail a finished pipeline
-        log(f"report: the summary was not logged to wandb ({type(e).__name__}: {e})")
-
-
-def offline_wandb_runs(store: str | Path) -> list[str]:
-    """This flow run's offline wandb runs: the training stages write them to <store>/wandb/, with ids ending in
-    the flow run's id (tasks/launch.py wandb_arguments)."""
-    from prefect.runtime import flow_run
-
-    if not flow_run.id:
-        return []
-    return [str(d) for d in sorted((Path(store) / "wandb").glob(f"offline-run-*-{str(flow_run.id)[:8]}"))]
 
 
 @stage_task(REPORT)

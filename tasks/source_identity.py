@@ -24,7 +24,8 @@ from pathlib import Path
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from tasks.store import atomic_write_json, sha256_file
+from model.files import sha256_file
+from tasks.store import atomic_write_json
 
 HASH_CACHE_FILE = Path("cache") / "sha256.json"
 # fs.info() fields that change when a remote object's bytes change, across fsspec's filesystems (HTTP headers,

@@ -32,6 +32,8 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+from model.files import atomic_write_bytes, sha256_file
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = "manifest.json"
 WORK = "work"
@@ -44,14 +46,6 @@ def canonical_json(obj) -> bytes:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def content_digest(source: str) -> str:
@@ -70,21 +64,8 @@ def content_digest(source: str) -> str:
     raise FileNotFoundError(f"{source} does not exist; fix: point the config at an existing file or directory")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a unique temp file beside `path`, fsync, then rename over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def atomic_write_json(path: Path, obj) -> None:
+    """An artifact's JSON form (indented, keys sorted, a trailing newline), written atomically."""
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
@@ -146,7 +127,7 @@ def _listed_files(art: Path) -> list[Path]:
 
 
 def _is_temp_file(p: Path) -> bool:
-    """The hidden `.<name>.<hex>.tmp` files atomic_write_bytes uses; an artifact's own `x.tmp` files count."""
+    """The hidden `.<name>.<hex>.tmp` files model/files.py atomic_write uses; an artifact's own `x.tmp` files count."""
     return p.name.startswith(".") and p.name.endswith(".tmp")
 
 

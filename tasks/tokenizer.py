@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 from prefect.logging import get_run_logger
 
 from model.data import iter_documents, read_shard_paths
-from model.tokenizer import EVAL_TEXTS, evaluate_tokenizer, format_evaluation, train_tokenizer, training_texts
+from model.tok_eval import EVAL_TEXTS, evaluate_tokenizer, format_evaluation
+from model.tokenizer import train_tokenizer, training_texts
 from tasks.cache import StageOutput, run_stage, stage_task
 from tasks.config import SpeedrunConfig
 from tasks.environment import package_version

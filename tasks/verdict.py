@@ -52,9 +52,10 @@ from pathlib import Path
 
 import yaml
 
+from model.files import atomic_write_bytes
 from tasks.config import ConfigError, SpeedrunConfig
 from tasks.history import LIKE, comparable_runs
-from tasks.store import PROJECT_ROOT, atomic_write_bytes
+from tasks.store import PROJECT_ROOT
 
 BASELINES_DIR = PROJECT_ROOT / "deployments" / "baselines"
 # Baseline metrics: which direction is better.

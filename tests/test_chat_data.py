@@ -8,7 +8,6 @@ import importlib.util
 import json
 import math
 import random
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ import pytest
 
 from model import chat_data as cd
 from model import sft_data as sd
-from model.tokenizer import ConversationError
+from model.chat_render import ConversationError
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -218,16 +217,11 @@ def test_hub_sources():
     assert cd.dataset_source("GSM8K", "main", "test", "/d") == ("local", Path("/d/gsm8k/test.jsonl"))
 
 
-def test_mmlu_load_is_fast(eval_dir):
-    start = time.perf_counter()
+def test_mmlu_load_is_memoised(eval_dir):
+    """The load is converted once per process (its speed: bench/chat_data.py)."""
     task = cd.MMLU("all", "test", eval_dir)
     again = cd.MMLU("all", "test", eval_dir)
-    built = time.perf_counter() - start
-    start = time.perf_counter()
     letters = [task[i]["messages"][1]["content"] for i in range(len(task))]
-    walked = time.perf_counter() - start
-    # Measured on 2 shared cores: ~0.2 s for the first load, ~0.3 ms memoised, ~0.3 s for all 14042 rows.
-    assert built < 5.0 and walked < 10.0, (built, walked)
     assert again.rows.dataset is task.rows.dataset  # memoised, not converted again
     assert len(letters) == 14042 and set(letters) == {"A", "B", "C", "D"}
 

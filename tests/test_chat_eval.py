@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from model.chat_data import chat_eval_task
+from model.chat_render import render_for_completion
 from model.chat_eval import evaluate_tasks, letter_token_ids, parse_args, parse_task_names, run_chat_eval
 from model.checkpoint import save_checkpoint
 
@@ -121,7 +122,7 @@ def test_categorical_equals_per_problem_argmax(model, tokenizer, data_dir):
         assert [r["index"] for r in records[name]] == list(range(n))
         for i, record in enumerate(records[name]):
             conversation = task[i]
-            prompt = tokenizer.render_for_completion(conversation)
+            prompt = render_for_completion(tokenizer, conversation)
             with torch.no_grad():
                 logits = model(torch.tensor([prompt]))[0, -1]  # alone, no padding
             letters = conversation["letters"]
@@ -161,7 +162,7 @@ def test_sampling_passes_iff_any_sample_passes(model, tokenizer, data_dir):
                                       temperature=1.0, top_k=20, max_new_tokens=12, seed=7, log=quiet)
     task, engine = chat_eval_task("GSM8K", data_dir), Engine(model, tokenizer)
     for i, record in enumerate(records["GSM8K"]):
-        prompt = tokenizer.render_for_completion(task[i])
+        prompt = render_for_completion(tokenizer, task[i])
         sequences, _ = engine.generate_batch(prompt, num_samples=3, max_tokens=12, temperature=1.0, top_k=20, seed=7)
         assert record["completions"] == [tokenizer.decode(s[len(prompt):]) for s in sequences]
         assert len(set(record["completions"])) > 1  # really sampled

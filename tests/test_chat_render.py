@@ -1,4 +1,4 @@
-"""Tests for the chat rendering in model/tokenizer.py (spec/08 §2).
+"""Tests for the chat rendering in model/chat_render.py (spec/08 §2).
 
 A small tokenizer (vocab 512) is trained once per module on the start of the first
 pretraining shard; training is deterministic, so a few literal ids are pinned too.
@@ -11,7 +11,8 @@ import re
 import pytest
 
 from model.data import iter_documents
-from model.tokenizer import ConversationError, SPECIAL_TOKENS, Tokenizer, train_tokenizer, training_texts
+from model.chat_render import ConversationError, render_conversation, render_for_completion, visualize_tokenization
+from model.tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer, training_texts
 
 VOCAB_SIZE = 512
 
@@ -82,7 +83,7 @@ def test_literal_ids_of_the_test_tokenizer(tok):
 
 
 def test_golden_conversation(tok):
-    ids, mask = tok.render_conversation(GOLDEN)
+    ids, mask = render_conversation(tok, GOLDEN)
     assert (ids, mask) == hand_rendered(tok)
     # Pinned literally for this (deterministically trained) tokenizer.
     assert ids == [
@@ -111,7 +112,7 @@ def test_masks_on_real_multi_turn_conversations(tok, shared_data):
     never = {special(tok, t) for t in ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>")}
     checked_turns = 0
     for conversation in conversations:
-        ids, mask = tok.render_conversation(conversation, max_tokens=10**6)
+        ids, mask = render_conversation(tok, conversation, max_tokens=10**6)
         assert len(ids) == len(mask)
         assert not any(m and i in never for i, m in zip(ids, mask))
         expected = "".join(m["content"] + "<|assistant_end|>" for m in conversation["messages"] if m["role"] == "assistant")
@@ -124,31 +125,31 @@ def test_system_merge_on_a_copy(tok):
     before = copy.deepcopy(GOLDEN)
     merged = copy.deepcopy(GOLDEN)
     merged["messages"] = [{"role": "user", "content": "Be brief.\n\nWhat is 2+3?"}] + merged["messages"][2:]
-    assert tok.render_conversation(GOLDEN) == tok.render_conversation(merged)
+    assert render_conversation(tok, GOLDEN) == render_conversation(tok, merged)
     assert GOLDEN == before  # the input was not mutated
 
 
 def test_truncation(tok):
-    ids, mask = tok.render_conversation(GOLDEN)
+    ids, mask = render_conversation(tok, GOLDEN)
     for max_tokens in (1, 10, 64, 65, 500):
-        assert tok.render_conversation(GOLDEN, max_tokens=max_tokens) == (ids[:max_tokens], mask[:max_tokens])
-    assert tok.render_conversation(GOLDEN)[0] == ids  # default 2048 keeps this one whole
+        assert render_conversation(tok, GOLDEN, max_tokens=max_tokens) == (ids[:max_tokens], mask[:max_tokens])
+    assert render_conversation(tok, GOLDEN)[0] == ids  # default 2048 keeps this one whole
     long = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "word " * 3000}]}
-    long_ids, long_mask = tok.render_conversation(long)
+    long_ids, long_mask = render_conversation(tok, long)
     assert len(long_ids) == len(long_mask) == 2048
     with pytest.raises(ValueError, match="max_tokens"):
-        tok.render_conversation(GOLDEN, max_tokens=0)
+        render_conversation(tok, GOLDEN, max_tokens=0)
 
 
 def test_render_for_completion(tok):
-    prompt = tok.render_for_completion(GOLDEN)
+    prompt = render_for_completion(tok, GOLDEN)
     assert prompt[-1] == special(tok, "<|assistant_start|>")
     without_last = {"messages": GOLDEN["messages"][:-1]}
-    assert prompt == tok.render_conversation(without_last)[0] + [special(tok, "<|assistant_start|>")]
-    ids, _ = tok.render_conversation(GOLDEN)
+    assert prompt == render_conversation(tok, without_last)[0] + [special(tok, "<|assistant_start|>")]
+    ids, _ = render_conversation(tok, GOLDEN)
     assert prompt == ids[: len(prompt)]  # a prefix of the training rendering
     single = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
-    assert tok.render_for_completion(single) == [503, 504] + tok.encode("Hi") + [505, 506]
+    assert render_for_completion(tok, single) == [503, 504] + tok.encode("Hi") + [505, 506]
 
 
 USER = {"role": "user", "content": "hi"}
@@ -179,31 +180,31 @@ MALFORMED = [
 @pytest.mark.parametrize("conversation, message", MALFORMED)
 def test_malformed_conversations_raise(tok, conversation, message):
     with pytest.raises(ConversationError, match=message):
-        tok.render_conversation(conversation)
+        render_conversation(tok, conversation)
     with pytest.raises(ConversationError, match=message):
-        tok.render_for_completion(conversation)
+        render_for_completion(tok, conversation)
     assert issubclass(ConversationError, ValueError)
 
 
 def test_render_for_completion_errors(tok):
     with pytest.raises(ConversationError, match="empty"):
-        tok.render_for_completion({"messages": []})
+        render_for_completion(tok, {"messages": []})
     with pytest.raises(ConversationError, match="message 0: render_for_completion needs .* assistant"):
-        tok.render_for_completion({"messages": [USER]})
+        render_for_completion(tok, {"messages": [USER]})
     with pytest.raises(ConversationError, match="message 2: render_for_completion"):
-        tok.render_for_completion({"messages": [USER, ASSISTANT, USER]})
+        render_for_completion(tok, {"messages": [USER, ASSISTANT, USER]})
     # A user-only conversation still renders for training: nothing in it is supervised.
-    ids, mask = tok.render_conversation({"messages": [USER]})
+    ids, mask = render_conversation(tok, {"messages": [USER]})
     assert ids[0] == 503 and ids[-1] == 505 and not any(mask)
 
 
 def test_visualize_tokenization(tok):
-    ids, mask = tok.render_conversation(GOLDEN)
-    shown = tok.visualize_tokenization(ids, mask)
+    ids, mask = render_conversation(tok, GOLDEN)
+    shown = visualize_tokenization(tok, ids, mask)
     plain = re.sub(r"\x1b\[\d+m", "", shown)
     assert plain == "|".join(tok.decode([i]) for i in ids)
     assert shown.count("\x1b[92m") == sum(mask) and shown.count("\x1b[91m") == len(mask) - sum(mask)
-    with_ids = re.sub(r"\x1b\[\d+m", "", tok.visualize_tokenization(ids, mask, with_token_id=True))
+    with_ids = re.sub(r"\x1b\[\d+m", "", visualize_tokenization(tok, ids, mask, with_token_id=True))
     assert with_ids.startswith("<|bos|>(503)|<|user_start|>(504)|")
     with pytest.raises(ValueError, match="same length"):
-        tok.visualize_tokenization(ids, mask[:-1])
+        visualize_tokenization(tok, ids, mask[:-1])

@@ -92,7 +92,7 @@ def test_bundle_identity_follows_the_bytes_of_a_directory_or_zip(shared_data, bu
 
     from tasks.eval_bundle import bundle_identity
     from tasks.source_identity import HashCache
-    from tasks.store import sha256_file
+    from model.files import sha256_file
 
     copy = tmp_path / "bundle"
     shutil.copytree(shared_data / "eval_bundle", copy)
@@ -113,7 +113,7 @@ def test_bundle_identity_follows_the_bytes_of_a_directory_or_zip(shared_data, bu
 def test_bundle_identity_of_a_url_is_the_server_version(bundle_zip, tmp_path):
     from tasks.eval_bundle import bundle_identity
     from tasks.source_identity import HashCache
-    from tasks.store import sha256_file
+    from model.files import sha256_file
 
     versionless = []
 

@@ -22,7 +22,8 @@ import pytest
 from flows.speedrun import speedrun, stages_to_refresh
 from test_deployment_e2e import SHRINK, small_bundle
 from tasks.download import ShardSourceError
-from tasks.store import WORK, read_manifest, sha256_file
+from model.files import sha256_file
+from tasks.store import WORK, read_manifest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STAGES_RUN = ("shards", "tokenizer", "eval_bundle", "pretrain", "base_eval", "sft", "chat_eval", "report")

@@ -398,4 +398,23 @@ def test_print0_only_on_rank_zero(monkeypatch, capsys):
     monkeypatch.setenv("RANK", "0")
     common.print0("shown")
     assert capsys.readouterr().out == "shown\n"
-    assert common.autodetect_device_type() in ("cuda", "mps", "cpu")
+
+
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+def test_autodetect_device_type_on_this_machine():
+    if torch.cuda.is_available() or _mps_available():
+        pytest.skip("a GPU is present: this test pins the answer of a machine without one")
+    assert common.autodetect_device_type() == "cpu"
+
+
+def test_autodetect_device_type_prefers_cuda_then_mps(monkeypatch):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert common.autodetect_device_type() == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert common.autodetect_device_type() == "mps"
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert common.autodetect_device_type() == "cpu"

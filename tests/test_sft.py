@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from model.chat_render import render_conversation
 from model.data import iter_documents
 from model.sft_loader import (LoaderStalled, SFTLoader, best_fit_index, pack_conversation_rows, rows_to_batch)
 from model.tokenizer import Tokenizer, train_tokenizer, training_texts
@@ -134,7 +135,7 @@ def test_best_fit_takes_the_longest_that_fits_earliest_on_ties_and_pads_with_bos
 
 def test_rows_are_whole_conversations_from_bos_with_exact_targets(tokenizer, conversations):
     bos = tokenizer.get_bos_token_id()
-    rendered = [tokenizer.render_conversation(c, max_tokens=2048) for c in conversations]
+    rendered = [render_conversation(tokenizer, c, max_tokens=2048) for c in conversations]
     masks_of = {tuple(ids): mask for ids, mask in rendered}
     B, T = 8, 256
     buffer = list(rendered)
@@ -171,7 +172,7 @@ def test_rows_are_whole_conversations_from_bos_with_exact_targets(tokenizer, con
 
 def test_loader_state_round_trips_exactly(tokenizer, conversations, tmp_path):
     # 12 conversations that fit a row, buffer 5: the cursor wraps (epochs) within a few batches
-    small = [c for c in conversations if len(tokenizer.render_conversation(c)[0]) <= 200][:12]
+    small = [c for c in conversations if len(render_conversation(tokenizer, c)[0]) <= 200][:12]
     a = SFTLoader(small, tokenizer, 2, 256, rank=1, world_size=2, buffer_size=5, on_stall="pad")
     for _ in range(3):
         next(a)
@@ -191,7 +192,7 @@ def test_loader_state_round_trips_exactly(tokenizer, conversations, tmp_path):
 
 
 def test_loader_that_can_never_place_a_conversation_says_how_to_fix_it(tokenizer, conversations):
-    long_ones = [c for c in conversations if len(tokenizer.render_conversation(c)[0]) > 65][:5]
+    long_ones = [c for c in conversations if len(render_conversation(tokenizer, c)[0]) > 65][:5]
     with pytest.raises(LoaderStalled, match="--max-seq-len"):
         next(SFTLoader(long_ones, tokenizer, 2, 64, buffer_size=5, on_stall="error"))
     with pytest.warns(RuntimeWarning, match="padding only"):

@@ -144,7 +144,7 @@ def test_stage_closures_follow_the_options():
     assert not {"model/chat_eval.py", "model/core_eval.py", "model/train.py", "model/execution.py"} & sft
     assert {"model/chat_eval.py", "model/execution.py"} <= names("sft", {**sections["sft"], "chatcore_every": 10})
     assert "model/core_eval.py" in names("base_eval", {}) and "model/sft.py" not in names("base_eval", {})
-    assert {"tasks/report.py", "tasks/verdict.py"} <= names("report", {})  # the verdict decides what the report says
+    assert {"tasks/report.py", "tasks/verdict.py", "tasks/publish.py"} <= names("report", {})  # the verdict decides what the report says
 
 
 # ---------------------------------------------------------------------------------------- registry

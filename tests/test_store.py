@@ -20,13 +20,13 @@ from pathlib import Path
 
 import pytest
 
+from model.files import atomic_write, atomic_write_bytes
 from tasks.store import (
     MANIFEST,
     LeaseLock,
     LeaseLost,
     Store,
     artifact_record,
-    atomic_write_bytes,
     atomic_write_json,
     check_artifact,
     read_manifest,
@@ -44,8 +44,11 @@ def test_store_layout(tmp_path):
     assert s.root == (tmp_path / "st").resolve()
     assert s.stage_dir("pretrain", "k") == s.root / "stages" / "pretrain" / "k"
     assert s.results_dir == s.root / "prefect-results"
-    assert s.shards_dir("src-a") == s.shards_dir("src-a") != s.shards_dir("src-b")
-    assert s.shards_dir("src-a").parent == s.root / "shards"
+    # shards are shared by source: the directory is named by the source alone, the same in any store
+    shards = s.shards_dir("src-a")
+    assert shards == s.root / "shards" / hashlib.sha256(b"src-a").hexdigest()[:16]
+    assert Store(tmp_path / "other").shards_dir("src-a").name == shards.name
+    assert s.shards_dir("src-b") != shards
     lock = s.lock("pretrain", "k", lease_s=5)
     assert lock.path.parent == s.root / "locks" and lock.lease_s == 5
 
@@ -243,6 +246,16 @@ def test_atomic_write_failure_leaves_no_temp(tmp_path):
     with pytest.raises(TypeError):
         atomic_write_json(tmp_path / "x.json", {"bad": object()})
     assert sorted(x.name for x in tmp_path.iterdir()) == ["d"]
+
+    def half_written(f):
+        f.write(b"partial")
+        raise RuntimeError("writer died")
+
+    (tmp_path / "kept.bin").write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="writer died"):
+        atomic_write(tmp_path / "kept.bin", half_written)
+    assert (tmp_path / "kept.bin").read_bytes() == b"old"  # readers still see the old file, no temp is left
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["d", "kept.bin"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -532,7 +545,8 @@ def test_lock_timeout_honoured_while_guard_is_frozen(tmp_path, holders):
 
 def test_content_digest_follows_bytes_not_location(tmp_path):
     """Stage keys hold content_digest of local inputs (sft data, chat-eval dir): moving data keeps the key."""
-    from tasks.store import content_digest, sha256_file
+    from model.files import sha256_file
+    from tasks.store import content_digest
 
     data = tmp_path / "a" / "data"
     (data / "sub").mkdir(parents=True)

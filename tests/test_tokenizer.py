@@ -1,4 +1,4 @@
-"""Tests for model/tokenizer.py on the real pretraining shards in ../shared/data/pretrain.
+"""Tests for model/tokenizer.py and model/tok_eval.py on the real pretraining shards in ../shared/data/pretrain.
 
 One tokenizer (vocab 2048, ~2M characters of the train shards) is trained per module and
 shared, so the suite stays fast on two CPU cores.
@@ -14,15 +14,12 @@ import pytest
 import tiktoken.load
 import torch
 
+from model.tok_eval import EVAL_TEXTS, evaluate_tokenizer, format_evaluation, load_baseline_encoding
 from model.tokenizer import (
-    EVAL_TEXTS,
     SANITY_TEXT,
     SPECIAL_TOKENS,
     SPLIT_PATTERN,
     Tokenizer,
-    evaluate_tokenizer,
-    format_evaluation,
-    load_baseline_encoding,
     load_token_bytes,
     train_tokenizer,
     training_texts,

@@ -1,0 +1,65 @@
+"""Files written atomically, directories made durable, files hashed: the one copy of each for model/ and tasks/.
+
+- atomic_write(path, write): `write(f)` fills a hidden temp file beside `path` (`.<name>.<hex>.tmp`, the
+  pattern tasks/store.py leaves out of an artifact's content), which is fsynced and renamed over `path`:
+  readers see the old file or the complete new one, never a partial write, and a failure leaves no temp file.
+  atomic_write_bytes / atomic_write_text write a value that way (tasks/store.py atomic_write_json: an
+  artifact's JSON form).
+- fsync_dir(directory): make the renames inside `directory` durable (best effort: some filesystems refuse).
+- sha256_file(path): the hex sha256 of a file's bytes, read in 1 MiB blocks.
+
+Standard library only, so the orchestrator (tasks/) imports it without torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
+    """Write `path` through `write(f)` on a temp file beside it, fsync, then rename over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def fsync_dir(directory: str | os.PathLike) -> None:
+    """Make the renames inside `directory` durable; a filesystem that cannot open or fsync a directory is skipped."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
