@@ -101,7 +101,7 @@ def time_steps(args, device, fp8: bool) -> dict:
 
 
 def mlp_gemm_speedup(device, repeats: int = 20) -> float:
-    """bf16 vs FP8 fwd+bwd of the d26 MLP up-projection GEMM, both compiled (spec/06 A.4)."""
+    """bf16 vs FP8 fwd+bwd of the d26 MLP up-projection GEMM, both compiled."""
     import torch.nn as nn
     from ops.fp8 import Float8Linear
 

@@ -1,4 +1,4 @@
-"""Chat with a trained model in the terminal (spec/09 §5).
+"""Chat with a trained model in the terminal (docs/inference.md#chat-cli).
 
     python -m model.chat                                  # newest SFT artifact in the store, interactive
     python -m model.chat -p "Why is the sky blue?"        # one answer, then exit
@@ -94,7 +94,7 @@ class TextStream:
 
 
 class ChatSession:
-    """The conversation as tokens: [<|bos|>] then user/assistant turns (spec/09 §5)."""
+    """The conversation as tokens: [<|bos|>] then user/assistant turns."""
 
     def __init__(self, engine, tokenizer, temperature: float, top_k: int | None, max_tokens: int, seed: int):
         self.engine, self.tokenizer = engine, tokenizer

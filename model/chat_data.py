@@ -1,6 +1,6 @@
-"""Chat datasets as Tasks: the task framework and the five chat-eval tasks (spec/08 §3-§4, §6).
+"""Chat datasets as Tasks: the task framework and the five chat-eval tasks (docs/evaluation.md#chat-tasks).
 
-A Task is a sliceable list of conversations (spec/08 §1 format). Eval tasks also say how
+A Task is a sliceable list of conversations (docs/evaluation.md#chat-format). Eval tasks also say how
 they are scored (`eval_type`, `evaluate`). Data comes through the `datasets` library, either
 from the Hugging Face hub (`data_dir=None`, the reference datasets; needs the network on
 first use) or from local files laid out like `../shared/data/chat_eval`:
@@ -196,7 +196,7 @@ def _load_source_file(task: str, path, split: str, columns: Sequence[str]) -> He
 
 
 class Task:
-    """A lightweight view start:stop:step over a subclass's examples (spec/08 §3).
+    """A lightweight view start:stop:step over a subclass's examples.
 
     `stop` is clipped to the number of examples (the reference would fail on access instead).
     """
@@ -441,7 +441,7 @@ def extract_code(completion: str) -> str:
 
 
 def humaneval_program(conversation: dict, completion: str) -> str:
-    """The program that passes iff the completion solves the problem (spec/08 §4)."""
+    """The program that passes iff the completion solves the problem (docs/evaluation.md#chat-tasks)."""
     imports = extract_imports(conversation["messages"][0]["content"])
     code = extract_code(completion)
     return imports + "\n\n" + code + "\n\n" + conversation["test"] + "\n" + f"check({conversation['entry_point']})"

@@ -1,4 +1,4 @@
-"""Chat evaluation: ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval and ChatCORE (spec/08 §6).
+"""Chat evaluation: ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval and ChatCORE (docs/evaluation.md#chat-evaluation).
 
     torchrun --standalone --nproc_per_node=8 -m model.chat_eval -- --checkpoint-dir=<sft artifact>/checkpoint \
         --tokenizer-dir=<sft artifact>/tokenizer [--data-dir=../shared/data/chat_eval] --out-dir=out
@@ -231,7 +231,7 @@ def run_chat_eval(model, tokenizer, task_names: str | Sequence[str], data_dir, *
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m model.chat_eval", description="Evaluate a chat model (spec/08 §6).")
+    p = argparse.ArgumentParser(prog="python -m model.chat_eval", description="Evaluate a chat model.")
     a = p.add_argument
     a("--checkpoint-dir", required=True, help="directory with model_NNNNNN.pt + meta_NNNNNN.json")
     a("--step", type=int, default=None, help="checkpoint step (default: the last)")

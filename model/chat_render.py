@@ -1,6 +1,6 @@
-"""Chat rendering (spec/08 §2): conversations to token ids for SFT and chat evaluation.
+"""Chat rendering (docs/evaluation.md#chat-format): conversations to token ids for SFT and chat evaluation.
 
-`check_conversation` validates a conversation (spec/08 §1) and merges a leading system message
+`check_conversation` validates a conversation (docs/evaluation.md#chat-format) and merges a leading system message
 into the first user message; `render_conversation` turns a conversation into token ids plus a
 training mask, `render_for_completion` into a generation prompt. Malformed conversations raise
 `ConversationError` naming the message.
@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from model.tokenizer import Tokenizer
 
 class ConversationError(ValueError):
-    """A conversation that does not follow the chat format of spec/08 §1."""
+    """A conversation that does not follow the chat format (docs/evaluation.md#chat-format)."""
 
 
 CHAT_ROLES = ("system", "user", "assistant")
@@ -24,7 +24,7 @@ ASSISTANT_PART_TYPES = ("text", "python", "python_output")
 def check_conversation(conversation: object) -> list[tuple[int, str, object]]:
     """Validate a conversation and return its messages as (original index, role, content).
 
-    A leading system message is merged into the first user message (spec/08 §2 step 1); the
+    A leading system message is merged into the first user message; the
     merge happens in the returned list only, the input is never modified. The returned
     indices are those of the input, so errors found later can still name the right message.
     """

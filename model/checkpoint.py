@@ -1,6 +1,6 @@
 """Training checkpoints: save, find the last complete one, and load model/optimizer/loader/RNG state.
 
-One checkpoint at step S in a directory holds (names as the reference, spec/05 §7, plus what an exact
+One checkpoint at step S in a directory holds (names as the reference, docs/model.md#checkpoints, plus what an exact
 resume needs):
 
     model_S.pt            rank 0: the uncompiled model's state_dict
@@ -18,52 +18,23 @@ file damaged later), `load_resume_point` reports it, drops its marker and falls 
 from __future__ import annotations
 
 import json
-import os
 import re
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from model.files import atomic_write, atomic_write_text, fsync_dir
+
 MARKER = "complete_{step:06d}"
 _MARKER_RE = re.compile(r"^complete_(\d{6})$")
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
-    """torch.save to a temp file, fsync, rename. Saved through a file object: given a path, torch.save names the
+    """torch.save through model/files.atomic_write. Saved through a file object: given a path, torch.save names the
     zip archive inside after the (random) temp file, so equal tensors would give different bytes each time."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make the renames inside `directory` durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def _barrier() -> None:
@@ -93,11 +64,11 @@ def save_checkpoint(directory: Path, step: int, *, rank: int, model_state: dict 
     if rank == 0:
         _atomic_torch_save(model_state, directory / f"model_{step:06d}.pt")
         atomic_write_text(directory / f"meta_{step:06d}.json", json.dumps(meta, indent=2))
-    fsync_dir(directory)  # this rank's renames are on disk
+    fsync_dir(directory, required=True)  # this rank's renames are on disk
     _barrier()  # the marker may only appear once every rank's files are in place
     if rank == 0:
         atomic_write_text(directory / MARKER.format(step=step), "")
-        fsync_dir(directory)
+        fsync_dir(directory, required=True)
     _barrier()
 
 
@@ -117,7 +88,7 @@ def read_meta(directory: Path, step: int) -> dict:
 
 
 def load_model_state(directory: Path, step: int, device) -> dict:
-    """The model state_dict, '_orig_mod.' prefixes stripped, bf16 upcast to fp32 off CUDA (spec/05 §7)."""
+    """The model state_dict, '_orig_mod.' prefixes stripped, bf16 upcast to fp32 off CUDA."""
     state = torch.load(directory / f"model_{step:06d}.pt", map_location=device, weights_only=True)
     state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
     if torch.device(device).type != "cuda":
@@ -215,7 +186,7 @@ def latest_model_step(directory: Path) -> int:
 
 
 def load_model(directory: Path, device, step: int | None = None, phase: str = "eval"):
-    """(model, meta) rebuilt from a checkpoint: config from meta, weights loaded strictly (spec/05 §7)."""
+    """(model, meta) rebuilt from a checkpoint: config from meta, weights loaded strictly."""
     from model.gpt import GPTConfig, build_model
 
     directory = Path(directory)

@@ -1,4 +1,4 @@
-"""Process-wide compute settings shared by the model and the training scripts (spec/12 §3, §5).
+"""Process-wide compute settings shared by the model and the training scripts (docs/model.md#precision).
 
 - COMPUTE_DTYPE: the activation dtype, decided once at import. The model never uses autocast: its
   Linear layers cast their fp32 master weights to this dtype and embeddings are stored in it.
@@ -28,7 +28,7 @@ DTYPE_NAMES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": 
 
 def resolve_compute_dtype(env: Mapping[str, str] | None = None,
                           cuda_capability: tuple[int, int] | None = None) -> torch.dtype:
-    """The dtype rule of spec/12 §3, as a pure function of the environment and the GPU.
+    """The dtype rule of docs/model.md#precision, as a pure function of the environment and the GPU.
 
     env defaults to os.environ; cuda_capability is (major, minor) of device 0, or None without CUDA
     (looked up when env gives no override and the argument is omitted).
@@ -59,7 +59,7 @@ def autodetect_device_type() -> str:
     return "cpu"
 
 
-# Peak dense BF16 FLOP/s (spec/12 §5). A row matches when ALL its substrings occur in the lower-cased
+# Peak dense BF16 FLOP/s (docs/model.md#precision). A row matches when ALL its substrings occur in the lower-cased
 # device name; the first matching row wins, so more specific rows come before the rows they contain
 # (gb200 before b200, h100 nvl/pcie before h100, mi250x before mi250, l40s before l4, ...).
 PEAK_FLOPS_TABLE: tuple[tuple[tuple[str, ...], float], ...] = (

@@ -1,4 +1,4 @@
-"""The CORE metric (spec/07 §2-§3): in-context-learning evaluation of a base model on the DCLM task bundle.
+"""The CORE metric (docs/evaluation.md#core): in-context-learning evaluation of a base model on the DCLM task bundle.
 
 Per task the JSONL items are shuffled with ``Random(1337)`` and capped; item ``idx`` gets few-shot
 examples drawn with ``Random(1234 + idx)`` from the other items; each item renders into one prompt
@@ -12,7 +12,7 @@ of tokens is located (common token prefix / common token suffix / the continuati
 Three evaluators (``evaluate_task(method=...)``) produce the same per-item decisions:
 
 - ``"reference"`` (``evaluate_example_reference``): the reference algorithm, one forward per item with
-  its option sequences right-padded with BOS (spec §3.4).
+  its option sequences right-padded with BOS.
 - ``"batched"``: every option sequence of every item this rank owns, sorted by length and packed into
   forwards of at most ``token_budget`` padded tokens.
 - ``"prefix"`` (the default): the options of an item share a long prefix (the few-shot examples and,
@@ -108,7 +108,7 @@ def fewshot_examples(data: Sequence[dict], idx: int, num_fewshot: int) -> list[d
 
 
 def render_prompts(task_type: str, item: dict, fewshot: Sequence[dict], delimiter: str) -> list[str]:
-    """The prompts of one item (spec §3.2): one per choice / context option, or [without, with] for LM."""
+    """The prompts of one item (docs/evaluation.md#core-scoring): one per choice / context option, or [without, with] for LM."""
     if task_type == MULTIPLE_CHOICE:
         prefix = "".join(f"{ex['query']}{delimiter}{ex['choices'][ex['gold']]}{FEWSHOT_SEPARATOR}" for ex in fewshot)
         return [f"{prefix}{item['query']}{delimiter}{choice}" for choice in item["choices"]]
@@ -150,7 +150,7 @@ def common_suffix_length(sequences: Sequence[Sequence[int]]) -> int:
 
 def scored_spans(task_type: str, tokens: list[list[int]],
                  prompts: Sequence[str]) -> tuple[list[list[int]], list[int], list[int]]:
-    """The sequences to run and their scored spans [start, end), from the tokenised prompts (spec §3.3)."""
+    """The sequences to run and their scored spans [start, end), from the tokenised prompts."""
     ends = [len(t) for t in tokens]
     if task_type == MULTIPLE_CHOICE:
         start = common_prefix_length(tokens)
@@ -170,7 +170,7 @@ def scored_spans(task_type: str, tokens: list[list[int]],
 
 def tokenize_example(tokenizer, task_type: str,
                      prompts: Sequence[str]) -> tuple[list[list[int]], list[int], list[int]]:
-    """Token sequences (BOS first) and the scored span [start, end) of each (spec §3.3).
+    """Token sequences (BOS first) and the scored span [start, end) of each (docs/evaluation.md#core-scoring).
 
     multiple_choice: one start for all, after the common token prefix; schema: the common token
     suffix; language_modeling: only the prompt with the continuation, scored after the prompt without.
@@ -196,7 +196,7 @@ def context_limit(model) -> int | None:
 
 def truncate_to_limit(sequences: list[list[int]], starts: list[int], ends: list[int],
                       limit: int | None) -> tuple[list[list[int]], list[int], list[int]]:
-    """Keep the last `limit` tokens of longer sequences and shift their spans down (spec §3.3)."""
+    """Keep the last `limit` tokens of longer sequences and shift their spans down."""
     if limit is None:
         return sequences, starts, ends
     out = ([], [], [])
@@ -281,7 +281,7 @@ def first_argmin(values: Sequence[float]) -> int:
 
 
 def reference_decision(model, example: PreparedExample, pad_id: int, device) -> bool:
-    """The reference algorithm (spec §3.4) on one prepared item: one forward of its option sequences."""
+    """The reference algorithm (docs/evaluation.md#core-evaluators) on one prepared item: one forward of its option sequences."""
     input_ids = _padded_batch(example.sequences, pad_id, device)
     B, T = input_ids.shape
     logits = model(input_ids).float()

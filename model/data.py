@@ -1,9 +1,9 @@
 """Pretraining data: the parquet shards of the text corpus.
 
 A shard is a parquet file named ``shard_XXXXX.parquet`` holding one string column, ``text``,
-one document per row, in row groups of (nominally) 1024 documents (spec 02 §1-§2). This module
+one document per row, in row groups of (nominally) 1024 documents (docs/model.md#pretraining-data). This module
 names shards, checks that a file really is a readable shard, iterates over their documents
-(spec 02 §4) and finds a run's train/val shard files. The packing loader over them is
+and finds a run's train/val shard files. The packing loader over them is
 model/dataloader.py.
 
 Torch-free on purpose: the downloader and the tokenizer stage run in the orchestrating process,
@@ -115,7 +115,7 @@ def iter_row_group_texts(
 ) -> Iterator[list[str]]:
     """Yield the documents of row groups ``start, start+step, ...`` of each file, in order.
 
-    One list per row group (spec 02 §4 ``parquets_iter_batched``); with ``start=rank`` and
+    One list per row group (the reference's ``parquets_iter_batched``); with ``start=rank`` and
     ``step=world_size`` ranks read disjoint, interleaved row groups.
     """
     if start < 0 or step < 1:
@@ -150,7 +150,7 @@ def read_row_group_texts(path: str | os.PathLike[str], row_group: int) -> list[s
     return table.column(TEXT_COLUMN).to_pylist()
 
 
-# --- the pretraining loader (spec 02 §5) ------------------------------------------------------
+# --- the pretraining loader (docs/model.md#data-loader) ------------------------------------------------------
 
 
 SHARD_INDEX_FILE = "shards.json"

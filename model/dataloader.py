@@ -1,4 +1,4 @@
-"""The BOS-aligned best-fit packing loader for pretraining, with an exact resumable state (spec/02 §5).
+"""The BOS-aligned best-fit packing loader for pretraining, with an exact resumable state (docs/model.md#data-loader).
 
 Documents stream from the shards' row groups, are tokenised with BOS prepended and packed into rows
 of T+1 tokens: each row takes the longest buffered document that fits, and when none fits it crops the
@@ -65,7 +65,7 @@ def pack_rows(
     buffer_size: int = 0,
     stats: LoaderStats | None = None,
 ) -> list[list[int]]:
-    """Pack ``B`` rows of ``T + 1`` tokens from ``doc_buffer`` by best fit (spec 02 §5.2).
+    """Pack ``B`` rows of ``T + 1`` tokens from ``doc_buffer`` by best fit.
 
     Before each pick, while the buffer holds fewer than ``buffer_size`` documents, the documents
     ``refill()`` returns are appended to it. A pick takes the longest document that fits the
@@ -217,7 +217,7 @@ class _Stream:
 
 
 class BestFitLoader:
-    """BOS-aligned best-fit packing over the row groups of ``paths`` (spec 02 §5), exactly resumable.
+    """BOS-aligned best-fit packing over the row groups of ``paths`` (docs/model.md#data-loader), exactly resumable.
 
     ``next(loader)`` returns ``(inputs, targets)``, int64 ``B x T`` on ``device``, where micro-batch
     ``k`` is packed from stream ``streams[k % len(streams)]``, each stream with its own buffer.
@@ -399,7 +399,7 @@ def val_loader(
     device: str | torch.device = "cpu",
     num_streams: int | None = None,
 ) -> BestFitLoader:
-    """A fresh loader over the val shard for one evaluation (spec 02 §5.4).
+    """A fresh loader over the val shard for one evaluation.
 
     Build a new one for every evaluation so each sees the same first batches. The shard is split into
     ``num_streams`` streams (default: one per rank); rank ``r`` owns streams ``r, r + world_size, ...``,

@@ -1,4 +1,4 @@
-"""Inference engine: KV cache, sampling, the calculator tool and batched generation (spec/09 §1-§3).
+"""Inference engine: KV cache, sampling, the calculator tool and batched generation (docs/inference.md).
 
 The engine is token-level: it takes prompt token ids and streams sampled ids. Text only enters through the
 calculator tool, whose state machine runs per row: `<|python_start|> expr <|python_end|>` evaluates `expr`
@@ -187,7 +187,7 @@ def prefill_padded(model, prompts: list[list[int]], pad_id: int, capacity: int) 
 @torch.inference_mode()
 def sample_next_token(logits: torch.Tensor, rng: torch.Generator | None, temperature: float = 1.0,
                       top_k: int | None = None) -> torch.Tensor:
-    """One token id per row of `logits` (B x V) -> B x 1 (spec/09 §3.1). temperature 0 = argmax."""
+    """One token id per row of `logits` (B x V) -> B x 1. temperature 0 = argmax."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if temperature == 0:
@@ -236,7 +236,7 @@ def _evaluate(expr: str):
 
 
 def use_calculator(expr: str):
-    """The model's calculator tool (spec/09 §3.3): arithmetic, or a string's `.count(...)`; else None."""
+    """The model's calculator tool (docs/inference.md#calculator-tool): arithmetic, or a string's `.count(...)`; else None."""
     expr = expr.replace(",", "")
     if all(c in _ARITHMETIC_CHARS for c in expr):
         if "**" in expr:  # powers can take forever and eat memory

@@ -1,4 +1,4 @@
-"""Reading and validating the CORE eval bundle (spec/07 §2).
+"""Reading and validating the CORE eval bundle (docs/evaluation.md#eval-bundle).
 
 A bundle is a directory holding `core.yaml` (the `icl_tasks` list), `eval_meta_data.csv` (the
 expected CORE task set and each task's random baseline, in percent) and `eval_data/` (one JSONL

@@ -1,4 +1,4 @@
-"""Base-model evaluation: the torchrun entry point (the reference's scripts/base_eval.py, spec/07 §4).
+"""Base-model evaluation: the torchrun entry point (the reference's scripts/base_eval.py; docs/evaluation.md#base-evaluation).
 
     torchrun --standalone --nproc_per_node=8 -m model.evaluate -- --checkpoint-dir=<pretrain artifact>/checkpoint \
         --tokenizer-dir=<tokenizer artifact> --data-dir=<shards artifact> --bundle-dir=<eval bundle> --out-dir=out
@@ -33,7 +33,7 @@ EVAL_MODES = ("core", "bpb", "sample")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m model.evaluate", description="Evaluate a base checkpoint (spec/07).")
+    p = argparse.ArgumentParser(prog="python -m model.evaluate", description="Evaluate a base checkpoint.")
     a = p.add_argument
     a("--eval", default="core,bpb,sample", help="comma list of core, bpb, sample")
     a("--step", type=int, default=None, help="checkpoint step (default: the last)")
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
         for prompt, tokens in zip(SAMPLE_PROMPTS, completions):
             samples.append({"prompt": prompt, "completion": tokenizer.decode(tokens)})
             say(f"sample | {prompt}{samples[-1]['completion']}")
-        # 8 unconditioned samples from BOS alone, one engine call (spec/07 §5)
+        # 8 unconditioned samples from BOS alone, one engine call
         sequences, _ = engine.generate_batch([bos], num_samples=8, max_tokens=128, temperature=1.0)
         samples += [{"prompt": "", "completion": tokenizer.decode(seq[1:])} for seq in sequences]
         summary["samples"] = samples

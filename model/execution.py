@@ -1,4 +1,4 @@
-"""Sandboxed execution of model-written Python (spec/09 §4), used to score HumanEval completions.
+"""Sandboxed execution of model-written Python (docs/inference.md#code-execution-sandbox), used to score HumanEval completions.
 
 ``execute_code(code)`` runs ``code`` in a fresh interpreter (``sys.executable -B -c <program>``) whose cwd is
 a new private temporary directory (deleted afterwards), with the environment reduced to
@@ -26,11 +26,11 @@ Enforced by the kernel (cannot be undone from Python, ctypes included, once appl
   ``os.fork``, ``pty``, ``multiprocessing``, ctypes), so nothing can leave the process group the timeout kills.
 - ``rlimits``: ``RLIMIT_FSIZE`` = 16 MiB (also caps captured output), ``RLIMIT_CORE`` = 0, ``RLIMIT_NPROC``
   = 0 (root is exempt from this one; seccomp is not). ``RLIMIT_AS``/``RLIMIT_DATA``/``RLIMIT_STACK`` =
-  ``maximum_memory_bytes`` apply whatever the layers (not on macOS, as the spec says).
+  ``maximum_memory_bytes`` apply whatever the layers (not on macOS, as in the reference).
 
 Enforced by Python (``python-guards``; the fallback where the kernel offers nothing; a determined program
 could get around the monkeypatching, not around the audit hook short of memory corruption):
-- the spec/09 §4 prelude: faulthandler off, ``exit``/``quit``/``help`` = None, ``OMP_NUM_THREADS=1``, the
+- the reference's guard prelude: faulthandler off, ``exit``/``quit``/``help`` = None, ``OMP_NUM_THREADS=1``, the
   dangerous ``os``/``shutil``/``subprocess`` functions set to None (every exec*/spawn*/posix_spawn, and
   subprocess's private handle on ``_posixsubprocess.fork_exec``, which raises no audit event), imports of
   ipdb, joblib, resource, psutil, tkinter, multiprocessing and _posixsubprocess blocked;

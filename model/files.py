@@ -5,7 +5,8 @@
   readers see the old file or the complete new one, never a partial write, and a failure leaves no temp file.
   atomic_write_bytes / atomic_write_text write a value that way (tasks/store.py atomic_write_json: an
   artifact's JSON form).
-- fsync_dir(directory): make the renames inside `directory` durable (best effort: some filesystems refuse).
+- fsync_dir(directory, required=False): make the renames inside `directory` durable (best effort unless
+  required: some filesystems refuse).
 - sha256_file(path): the hex sha256 of a file's bytes, read in 1 MiB blocks.
 
 Standard library only, so the orchestrator (tasks/) imports it without torch.
@@ -43,16 +44,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def fsync_dir(directory: str | os.PathLike) -> None:
-    """Make the renames inside `directory` durable; a filesystem that cannot open or fsync a directory is skipped."""
+def fsync_dir(directory: str | os.PathLike, required: bool = False) -> None:
+    """Make the renames inside `directory` durable. A filesystem that cannot open or fsync a directory is skipped,
+    unless `required` (a checkpoint's completion marker must not be written over renames that may be lost)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
+        if required:
+            raise
         return
     try:
         os.fsync(fd)
     except OSError:
-        pass
+        if required:
+            raise
     finally:
         os.close(fd)
 

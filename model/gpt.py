@@ -1,4 +1,4 @@
-"""The reference GPT of the speedrun (spec/03): modules, initialisation, forward, accounting, optimizer groups.
+"""The reference GPT of the speedrun (docs/model.md#architecture): modules, initialisation, forward, accounting, optimizer groups.
 
 A decoder-only transformer with parameter-free RMSNorm, half-split RoPE (base 1e5) followed by QK-norm,
 sliding-window causal attention (window pattern, e.g. SSSL, last layer always long), ReLU² MLP,
@@ -11,7 +11,7 @@ Build: `build_model(config, device, state_dict=None)` constructs on the meta dev
 `init_weights()`, and loads a checkpoint's weights when given. Sizes must agree with model/sizing.py, whose
 helpers are used here.
 
-Inference (spec/09 §2): `forward(idx, kv_cache=cache)` runs a chunk of new tokens against a KV cache
+Inference (docs/inference.md#forward-with-a-cache): `forward(idx, kv_cache=cache)` runs a chunk of new tokens against a KV cache
 (model/engine.py: KVCache) -- rotary positions and attention start at the cache position (per row when the
 rows sit at different positions), smear continues from the cache's `prev_embedding`, and the cache
 advances by T after the last layer. Without a cache the forward is exactly the training forward.
@@ -177,7 +177,7 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------ init
     @torch.no_grad()
     def init_weights(self) -> None:
-        """spec/03 §5, RNG draws in the reference order: wte, lm_head, per block c_q c_k c_v c_fc,
+        """Initialise every tensor (docs/model.md#initialisation); RNG draws in the reference order: wte, lm_head, per block c_q c_k c_v c_fc,
         smear_gate, value embeds (ascending layer), ve_gates (ascending layer)."""
         C = self.config.n_embd
         s = math.sqrt(3) / math.sqrt(C)  # uniform bound with std 1/sqrt(C)
@@ -219,7 +219,7 @@ class GPT(nn.Module):
         a scalar for reduction 'mean' or the B*T per-token losses for 'none'.
 
         With `kv_cache` (model/engine.py: KVCache) idx holds the next T tokens of every row: positions,
-        attention and smear continue from what the cache holds, and the cache advances by T (spec/09 §2).
+        attention and smear continue from what the cache holds, and the cache advances by T.
         """
         logits = self.logits(self.hidden_states(idx, kv_cache))
         if targets is None:
@@ -297,7 +297,7 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------ accounting
     def num_scaling_params(self) -> dict[str, int]:
-        """Parameter counts by group (spec/03 §6); the groups sum to the total (asserted)."""
+        """Parameter counts by group (docs/model.md#parameter-and-flop-accounting); the groups sum to the total (asserted)."""
         def count(params) -> int:
             return sum(p.numel() for p in params)
         counts = {
@@ -323,12 +323,12 @@ class GPT(nn.Module):
         return 6 * self.num_matmul_params() + attention
 
     def estimate_decode_flops(self, context: int) -> int:
-        """FLOPs to decode one token at context length `context` (spec/03 §7)."""
+        """FLOPs to decode one token at context length `context`."""
         hd = self.config.n_head * self.head_dim
         return 2 * self.num_matmul_params() + sum(4 * hd * min(context, w) for w in self.window_sizes)
 
     def estimate_prefill_flops(self, n: int) -> int:
-        """FLOPs to prefill n tokens (spec/03 §7)."""
+        """FLOPs to prefill n tokens."""
         hd = self.config.n_head * self.head_dim
         attention = 0
         for window in self.window_sizes:
@@ -339,7 +339,7 @@ class GPT(nn.Module):
     # ------------------------------------------------------------- optimizer
     def optimizer_groups(self, unembedding_lr: float = 0.004, embedding_lr: float = 0.2, matrix_lr: float = 0.02,
                          weight_decay: float = 0.0, scalar_lr: float = 0.5) -> list[dict]:
-        """The MuonAdamW parameter groups of spec/04 §1: six AdamW groups in order, then one Muon group
+        """The MuonAdamW parameter groups (docs/model.md#parameter-groups): six AdamW groups in order, then one Muon group
         per distinct block-parameter shape (ascending shape, parameters in registration order)."""
         dmodel_lr_scale = (self.config.n_embd / 768) ** -0.5
 
@@ -384,7 +384,7 @@ class GPT(nn.Module):
     @torch.inference_mode()
     def generate(self, tokens: list[int], max_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  seed: int = 42) -> Iterator[int]:
-        """Naive sampler (spec/03 §8): batch 1, full forward each step, yields one token id per step."""
+        """Naive sampler (docs/inference.md#naive-sampler): batch 1, full forward each step, yields one token id per step."""
         assert isinstance(tokens, list) and tokens, "tokens must be a non-empty list of ids"
         assert temperature >= 0, "temperature must be >= 0"
         device = self.get_device()
@@ -408,7 +408,7 @@ class GPT(nn.Module):
 
 
 def build_model(config: GPTConfig, device: torch.device | str, state_dict: dict | None = None) -> GPT:
-    """Construct on the meta device, materialise on `device`, initialise (spec/03 §5), then load `state_dict`
+    """Construct on the meta device, materialise on `device`, initialise (docs/model.md#initialisation), then load `state_dict`
     strictly when given (a checkpoint's weights, assigned in place). The one way the project builds a model:
     the trainers, model/checkpoint.py's load_model, tests and benches. init_weights runs either way: it
     materialises the rotary buffers, which checkpoints do not hold, and draws from the RNG as a fresh run does."""

@@ -39,6 +39,7 @@ import torch
 from model import checkpoint as ckpt
 from model.common import (ATTENTION_CHOICES, COMPUTE_DTYPE, autodetect_device_type, compute_cleanup, compute_init, decide_compile,
                           get_peak_flops, setup_attention, synchronize)
+from model.files import atomic_write_text
 from model.loss_eval import evaluate_bpb
 from model.run_control import StopSignal, die_with_parent, hold_run_dir
 from model.run_log import TIMING_WARMUP_STEPS, MetricsLog, start_wandb
@@ -238,7 +239,7 @@ class TrainingRun:
     def finish(self, summary: dict) -> dict:
         """summary.json and wandb's summary on rank 0, then every rank leaves: the end of main()."""
         if self.master:
-            ckpt.atomic_write_text(self.out_dir / "summary.json", json.dumps(summary, indent=2))
+            atomic_write_text(self.out_dir / "summary.json", json.dumps(summary, indent=2))
             self.say(f"Total training time: {self.total_training_time / 60:.2f}m | "
                      f"Minimum validation bpb: {summary['min_val_bpb']}")
             if self.wandb is not None:

@@ -1,4 +1,4 @@
-"""Bits per byte: the vocabulary-independent validation loss (spec/07 §1).
+"""Bits per byte: the vocabulary-independent validation loss (docs/evaluation.md#bits-per-byte).
 
 Each target token's cross-entropy (nats) is weighted by whether it has raw bytes: special tokens
 (BOS as a target) and ignored targets (-1) count neither loss nor bytes. Totals are summed across

@@ -1,12 +1,12 @@
 """MuonAdamW: the speedrun's single optimizer (AdamW + Muon groups), its distributed step and schedules.
 
-Spec: shared/spec/04-optim.md. One `torch.optim.Optimizer` holds parameter groups tagged
+Docs: docs/model.md#optimizer. One `torch.optim.Optimizer` holds parameter groups tagged
 `kind="adamw"` (embeddings, lm_head, scalars) or `kind="muon"` (the 2-D matrices inside the
 transformer blocks, one group per distinct shape). Every group gets `initial_lr` = its `lr` at
 construction; the training loop sets `lr = initial_lr * get_lr_multiplier(...)` and the Muon
 `momentum` / `weight_decay` from `get_muon_momentum` / `get_weight_decay`.
 
-Numerics (spec/04 §2, §3): AdamW works in fp32 (decoupled weight decay before the update, bias
+Numerics (docs/model.md#adamw, docs/model.md#muon): AdamW works in fp32 (decoupled weight decay before the update, bias
 corrections) and writes results back in the storage dtype of parameter and state. Muon works on
 the stack (K x r x c) of a group's same-shape matrices: Nesterov momentum, optional bf16 cast
 (when `model.common.COMPUTE_DTYPE` is bf16), MuonEq row equilibration, Polar Express
@@ -18,7 +18,7 @@ device; the training entry points pass their own compile decision) or, by defaul
 compiling fails (no C++ compiler for inductor on CPU, an unsupported Python), the optimizer says why
 once and runs the same functions eagerly.
 
-Distributed scheme (chosen: the spec's ZeRO-2-style sharding, spec/04 §4). When a process group
+Distributed scheme (ZeRO-2-style sharding, docs/model.md#distributed-step). When a process group
 with world size W > 1 is initialised, `step()` averages the gradients itself (the model is not
 wrapped in DDP): AdamW parameters with < 1024 elements are all_reduce(AVG)-ed and updated fully
 on every rank (replicated state); larger AdamW parameters are reduce_scatter(AVG)-ed along dim 0
@@ -42,7 +42,7 @@ import torch.distributed as dist
 from model.common import dist_info
 
 # Polar Express coefficients (a, b, c) per iteration (Amsel et al., arXiv 2505.16932;
-# num_iters=5, safety 2e-2, cushion 2), spec/04 §3 step 5.
+# num_iters=5, safety 2e-2, cushion 2).
 POLAR_EXPRESS_COEFFS: tuple[tuple[float, float, float], ...] = (
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
     (4.042929935166739, -2.808917465908714, 0.5000178451051316),
@@ -62,7 +62,7 @@ MUON_DEFAULTS = {"momentum": 0.95, "ns_steps": 5, "beta2": 0.9, "weight_decay": 
 
 
 def adamw_step_fused(p, grad, exp_avg, exp_avg_sq, step_t, lr_t, beta1_t, beta2_t, eps_t, wd_t) -> None:
-    """One AdamW update of `p` (spec/04 §2), in place. Arithmetic in fp32, results stored in the
+    """One AdamW update of `p` (docs/model.md#adamw), in place. Arithmetic in fp32, results stored in the
     dtypes of `p`, `exp_avg`, `exp_avg_sq`. `step_t` is the step number after incrementing (>= 1)."""
     pf = p.float()
     g = grad.float()
@@ -135,7 +135,7 @@ def normuon(o: torch.Tensor, second_moment: torch.Tensor, beta2_t, red_dim: int)
 def muon_step_fused(
     grads, params, momentum_buf, second_buf, momentum_t, lr_t, wd_t, beta2_t, ns_steps: int, use_bf16: bool
 ) -> None:
-    """One Muon update (spec/04 §3 steps 1-9) of a stack `params` (K x r x c), in place.
+    """One Muon update (docs/model.md#muon) of a stack `params` (K x r x c), in place.
     `momentum_buf` (K x r x c) and `second_buf` (K x r x 1 or K x 1 x c) are updated in place."""
     rows, cols = params.size(-2), params.size(-1)
     # 1. Nesterov momentum (lerp form)
@@ -236,7 +236,7 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 
 
 class MuonAdamW(torch.optim.Optimizer):
-    """AdamW + Muon over kind-tagged parameter groups (see the module docstring and spec/04)."""
+    """AdamW + Muon over kind-tagged parameter groups (see the module docstring and docs/model.md#optimizer)."""
 
     def __init__(self, param_groups: list[dict], compile: bool | None = None):
         """`compile`: compile the two step functions (True), run them eagerly (False), or None: compile on
@@ -423,7 +423,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
 
 # ----------------------------------------------------------------------------------------------
-# Schedules (spec/04 §6); `it` runs 0 .. num_iterations - 1
+# Schedules (docs/model.md#learning-rate-schedule); `it` runs 0 .. num_iterations - 1
 
 
 def _warmdown_steps(num_iterations: int, warmdown_ratio: float) -> int:

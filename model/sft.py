@@ -1,4 +1,4 @@
-"""Supervised fine-tuning of a base checkpoint on conversations: the torchrun entry point (spec/08 §5).
+"""Supervised fine-tuning of a base checkpoint on conversations: the torchrun entry point (docs/evaluation.md#sft).
 
     torchrun --standalone --nproc_per_node=8 -m model.sft -- --checkpoint-dir=<pretrain artifact>/checkpoint \
         --tokenizer-dir=<tokenizer artifact> --out-dir=runs/sft [--data a.jsonl b.jsonl] [--chat-eval-dir DIR]
@@ -43,6 +43,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from model import checkpoint as ckpt  # noqa: E402
+from model.files import atomic_write_text  # noqa: E402
 from model.gpt import GPTConfig, build_model  # noqa: E402
 from model.loop import TrainingRun, add_run_options  # noqa: E402
 from model.run_control import check_finite  # noqa: E402
@@ -66,7 +67,7 @@ def _source_arg(text: str) -> tuple[str, str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m model.sft", description="Supervised fine-tuning (spec/08 §5).")
+    p = argparse.ArgumentParser(prog="python -m model.sft", description="Supervised fine-tuning.")
     a = p.add_argument
     a("--run", default="dummy", help="wandb run name ('dummy' disables wandb; project speedrun-sft)")
     a("--device-type", default="", help="cuda|cpu|mps; empty = autodetect")
@@ -166,7 +167,7 @@ def grad_accum_steps(total_batch_size: int, device_batch_size: int, max_seq_len:
 
 
 def lr_multiplier(progress: float, warmup_ratio: float, warmdown_ratio: float, final_lr_frac: float) -> float:
-    """Warmup to 1 over the first warmup_ratio of progress, constant, then linear to final_lr_frac (spec/08 §5.5)."""
+    """Warmup to 1 over the first warmup_ratio of progress, constant, then linear to final_lr_frac (docs/evaluation.md#sft-schedule)."""
     if progress < warmup_ratio:
         return (progress + 1e-8) / warmup_ratio
     if progress <= 1 - warmdown_ratio:
@@ -183,7 +184,7 @@ def muon_momentum(step: int) -> float:
 
 def masked_mean_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over the supervised targets (y >= 0); 0 for a micro-batch of padding only
-    (possible with conversations longer than a row, spec/08 §5.4), where a plain mean would be NaN."""
+    (possible with conversations longer than a row), where a plain mean would be NaN."""
     losses = model(x, y, loss_reduction="none")
     return losses.sum() / (y >= 0).sum().clamp(min=1)
 
@@ -231,12 +232,12 @@ def trim_metrics(path: Path, resume_step: int) -> None:
             limit = resume_step + 1 if "train/loss" in record else resume_step
             if record.get("step", 0) < limit:
                 kept.append(line)
-    ckpt.atomic_write_text(path, "".join(line + "\n" for line in kept))
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def run_chatcore(model, tokenizer, args, batch_size: int) -> dict[str, dict]:
     """ChatCORE's five tasks on the uncompiled model: categorical ones limited by --chatcore-max-cat,
-    generative ones by --chatcore-max-sample (spec/08 §5.6)."""
+    generative ones by --chatcore-max-sample."""
     from model.chat_eval import run_chat_eval
 
     def limit(n: int) -> int | None:
@@ -389,7 +390,7 @@ def main(argv: list[str] | None = None) -> dict:
         check_finite(train_loss_f, step, {"matrix_lr": hp["matrix_lr"], "embedding_lr": hp["embedding_lr"],
                                           "unembedding_lr": hp["unembedding_lr"], "init_lr_frac": args.init_lr_frac})
         dt = run.step_end(step)
-        step += 1  # incremented before logging (spec/08 §5.6): a step's record carries the count of steps done
+        step += 1  # incremented before logging: a step's record carries the count of steps done
         debiased = run.smooth_loss(train_loss_f, step)
         tok_per_sec, mfu = run.rates(dt, total_batch_size, flops_per_token)
         total_training_time = run.total_training_time

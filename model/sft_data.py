@@ -1,4 +1,4 @@
-"""The SFT conversations (spec/08 §4-§5.3): SmolTalk, local conversation files, and the training mixture.
+"""The SFT conversations (docs/evaluation.md#sft-data-mixture): SmolTalk, local conversation files, and the training mixture.
 
 `sft_mixture(split)` is the reference hub mixture (SmolTalk + MMLU auxiliary_train x mmlu_epochs + GSM8K
 train x gsm8k_epochs; val = SmolTalk test + MMLU test[:5200] + GSM8K test[:420]), or local conversation
@@ -161,7 +161,7 @@ def sft_mixture(split: str, data: Sequence[str | os.PathLike] | None = None, mml
                 gsm8k_epochs: int = 4, sources: dict[str, str | os.PathLike] | None = None) -> TaskMixture:
     """The SFT conversations of one split ("train" | "val").
 
-    data=None: the reference hub mixture (spec/08 §5.3): train = SmolTalk train + MMLU
+    data=None: the reference hub mixture: train = SmolTalk train + MMLU
     auxiliary_train x mmlu_epochs + GSM8K main train x gsm8k_epochs; val = SmolTalk test + MMLU
     test[:5200] + GSM8K test[:420]. data=[files]: those local conversation files, split into
     train/val as `LocalConversations` says (the epoch counts do not apply).

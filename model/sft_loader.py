@@ -1,4 +1,4 @@
-"""The SFT data loader: BOS-aligned best-fit packing of rendered conversations, with padding (spec/08 §5.4).
+"""The SFT data loader: BOS-aligned best-fit packing of rendered conversations, with padding (docs/evaluation.md#sft-loader).
 
 Each rank walks the conversation dataset with stride W (rank r renders conversations r, r+W, ...,
 wrapping around and counting epochs), keeps a buffer of ~100 rendered (ids, mask) pairs, and fills
@@ -13,7 +13,7 @@ token is 0 (user turns, BOS, <|assistant_start|>, tool outputs, padding) and, fo
 the last content position on.
 
 A conversation longer than T+1 tokens can never be placed: it stays in the buffer for good
-(spec/08 §5.4). Once the whole buffer is such conversations no row can hold anything; the loader
+(docs/evaluation.md#sft-loader). Once the whole buffer is such conversations no row can hold anything; the loader
 then raises (`on_stall="error"`, for a run that needs to reach the end of the data) or yields rows
 made only of padding (`on_stall="pad"`, for runs bounded by a step count, and validation).
 
@@ -69,7 +69,7 @@ def pack_conversation_rows(
     refill: Callable[[], None] | None = None,
     on_place: Callable[[], None] | None = None,
 ) -> tuple[list[list[int]], list[list[int]], list[int]]:
-    """Pack B rows of T+1 tokens by best fit with padding (spec/08 §5.4); `buffer` is mutated in place.
+    """Pack B rows of T+1 tokens by best fit with padding; `buffer` is mutated in place.
 
     Before every pick `refill()` (if given) tops the buffer up; `on_place()` is called once per
     placed conversation. Returns (rows, mask rows, content lengths); a row's content length is
@@ -117,7 +117,7 @@ def rows_to_batch(rows: list[list[int]], masks: list[list[int]], content_lengths
 
 
 class SFTLoader:
-    """Micro-batches (inputs, targets) of one rank over a conversation dataset (spec/08 §5.4).
+    """Micro-batches (inputs, targets) of one rank over a conversation dataset.
 
     `dataset` is anything with len() and [i] -> conversation dict (e.g. model.chat_data.TaskMixture).
     Progress attributes: `consumed` (conversations placed, counted over all ranks: starts at rank,

@@ -1,4 +1,4 @@
-"""Model sizing and training-horizon arithmetic derived from `--depth` (spec/03 §1, §6, §7; spec/05 §3).
+"""Model sizing and training-horizon arithmetic derived from `--depth` (docs/model.md#sizes-from-depth, docs/model.md#training-plan).
 
 Pure Python, no torch: the config layer (tasks/config.py) uses it to validate a run and show its
 plan before any stage starts, and model/train.py uses the same functions so the two can never
@@ -10,11 +10,11 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-B_REF = 2**19  # tokens per optimizer step that is optimal at d12 (spec/04 §5)
+B_REF = 2**19  # tokens per optimizer step that is optimal at d12
 VOCAB_PAD = 64  # embedding / lm_head rows are padded to a multiple of this
 SMEAR_GATE_INPUTS = 24  # smear_gate is a 1 x 24 Linear
 VE_GATE_INPUTS = 12  # ve_gate is a n_kv_head x 12 Linear
-REFERENCE_DEPTH = 12  # D_REF / N_REF are taken at d12 (spec/05 §3)
+REFERENCE_DEPTH = 12  # D_REF / N_REF are taken at d12
 
 
 def model_dim(depth: int, aspect_ratio: int, head_dim: int) -> int:
@@ -65,7 +65,7 @@ class ModelShape:
         return cls(depth, dim, n_head, n_head, head_dim, vocab_size, seq_len, window_pattern.upper())
 
     def param_counts(self) -> dict[str, int]:
-        """Parameter groups as GPT.num_scaling_params reports them (spec/03 §6)."""
+        """Parameter groups as GPT.num_scaling_params reports them."""
         C, V = self.model_dim, padded_vocab(self.vocab_size)
         n_ve = len(value_embedding_layers(self.depth))
         counts = {
@@ -84,7 +84,7 @@ class ModelShape:
         return c["transformer_matrices"] + c["lm_head"]
 
     def flops_per_token(self) -> int:
-        """Training FLOPs per token: 6 x matmul params + the windowed attention term (spec/03 §7)."""
+        """Training FLOPs per token: 6 x matmul params + the windowed attention term."""
         matmul_params = self.scaling_params() + SMEAR_GATE_INPUTS
         attention = sum(12 * self.n_head * self.head_dim * min(w, self.seq_len)
                         for w in window_sizes(self.depth, self.seq_len, self.window_pattern))
@@ -93,7 +93,7 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class TrainingPlan:
-    """Everything base training derives from depth and the horizon options (spec/05 §3)."""
+    """Everything base training derives from depth and the horizon options (docs/model.md#training-plan)."""
 
     model_dim: int
     n_head: int

@@ -1,6 +1,6 @@
 """The BPE tokenizer: training with rustbpe, encoding with tiktoken, and its files on disk.
 
-Spec: spec/01-tokenizer.md. Training runs rustbpe's byte-level BPE over regex-split chunks
+Docs: docs/model.md#tokenizer. Training runs rustbpe's byte-level BPE over regex-split chunks
 (GPT-4 style, but digits grouped by at most two); the learned ranks are then handed to a
 `tiktoken.Encoding`, which does all encoding and decoding. Nine special tokens are appended
 after the mergeable tokens.

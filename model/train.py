@@ -1,4 +1,4 @@
-"""Base pretraining: the torchrun entry point (the reference's scripts/base_train.py, spec/05).
+"""Base pretraining: the torchrun entry point (the reference's scripts/base_train.py; docs/model.md#training-loop).
 
     torchrun --standalone --nproc_per_node=8 -m model.train --depth=24 --target-param-data-ratio=8 \
         --device-batch-size=16 --fp8 --out-dir=runs/d24 --data-dir=<shards artifact> --tokenizer-dir=<tokenizer artifact>
@@ -39,12 +39,12 @@ from model.tokenizer import Tokenizer, load_token_bytes  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m model.train", description="Pretrain the base GPT (spec/05).")
+    p = argparse.ArgumentParser(prog="python -m model.train", description="Pretrain the base GPT.")
     a = p.add_argument
     a("--run", default="dummy", help="wandb run name ('dummy' disables wandb)")
     a("--device-type", default="", help="cuda|cpu|mps; empty = autodetect")
     a("--fp8", action="store_true", help="FP8 training of eligible Linear layers (CUDA only)")
-    a("--fp8-recipe", default="tensorwise", choices=["rowwise", "tensorwise"])
+    a("--fp8-recipe", default="tensorwise", choices=["tensorwise"], help="FP8 scaling (tensorwise: one scale per tensor)")
     a("--depth", type=int, default=20)
     a("--aspect-ratio", type=int, default=64)
     a("--head-dim", type=int, default=128)
@@ -113,8 +113,6 @@ def main(argv: list[str] | None = None) -> dict:
     resume = run.resume(args.resume, from_step=args.resume_from_step)
     model = build_model(config, device, resume.model_state if resume else None)
 
-    if args.fp8_recipe != "tensorwise":
-        raise SystemExit("--fp8-recipe rowwise is not implemented; use tensorwise")
     fp8_enabled = args.fp8 and device.type == "cuda"
     if args.fp8 and not fp8_enabled:
         say("warning: --fp8 needs CUDA; training in plain precision")
@@ -185,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
                          context=disable_fp8(orig_model))
 
         if not cancel and bundle is not None and (last_step or (step > 0 and step % args.core_metric_every == 0)):
-            with disable_fp8(orig_model):  # CORE runs on the uncompiled model, in bf16 (spec/05 §4)
+            with disable_fp8(orig_model):  # CORE runs on the uncompiled model, in bf16
                 core = evaluate_core(orig_model, tokenizer, bundle, max_per_task=args.core_metric_max_per_task,
                                      device=device, rank=rank, world_size=world, log=say)
             orig_model.train()

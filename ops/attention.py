@@ -1,4 +1,4 @@
-"""Attention behind one FlashAttention-style API, on the fastest backend this machine has (spec/06 part B).
+"""Attention behind one FlashAttention-style API, on the fastest backend this machine has (docs/model.md#attention-backends).
 
 Public functions take and return tensors in FlashAttention's layout, ``B x T x heads x D``, use the
 default softmax scale ``1/sqrt(D)``, and accept grouped-query attention (the key/value head count may
@@ -276,7 +276,7 @@ def _window_mask(Tq: int, Tk: int, left: int, right: int, device) -> torch.Tenso
 
 
 # ---------------------------------------------------------------------------------------------
-# SDPA path (spec/06 B.3)
+# SDPA path (docs/model.md#attention-backends)
 # ---------------------------------------------------------------------------------------------
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, left: int, right: int) -> torch.Tensor:

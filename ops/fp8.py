@@ -1,4 +1,4 @@
-"""FP8 training for linear layers: tensorwise dynamic scaling on top of ``torch._scaled_mm`` (spec/06 part A).
+"""FP8 training for linear layers: tensorwise dynamic scaling on top of ``torch._scaled_mm`` (docs/model.md#fp8).
 
 A minimal re-implementation of the "tensorwise" recipe: every call quantises each operand with one
 scale per tensor, recomputed from its current absolute maximum, and runs all three GEMMs of a

@@ -88,7 +88,7 @@ class TokenizerConfig(Section):
 
 
 class PretrainConfig(Section):
-    """Every option of the reference base_train (spec/05 §1), snake_case, same defaults."""
+    """Every option of the reference base_train, snake_case, same defaults."""
 
     run: str = Field("dummy", description="wandb run name; 'dummy' disables wandb")
     device_type: Literal["", "cuda", "cpu", "mps"] = Field("", description="'' inherits runtime.device_type")
@@ -194,7 +194,7 @@ class BaseEvalConfig(Section):
 
 
 class SFTConfig(Section):
-    """Options of the reference chat_sft (spec/08 §5); None inherits from the base checkpoint."""
+    """Options of the reference chat_sft (docs/evaluation.md#sft-inheritance); None inherits from the base checkpoint."""
 
     data: list[str] | None = Field(None, description="local jsonl/parquet conversation files replacing the default mixture")
     sources: dict[str, str] = Field(default_factory=dict, description="local jsonl/parquet files replacing single "
@@ -239,7 +239,7 @@ class SFTConfig(Section):
 
 
 class ChatEvalConfig(Section):
-    """Options of the reference chat_eval (spec/08 §6)."""
+    """Options of the reference chat_eval (docs/evaluation.md#chat-evaluation)."""
 
     data_dir: str | None = Field(None, description="directory of ARC/MMLU/GSM8K/HumanEval files instead of the hub")
     tasks: str = Field("all", description="'all' or task names joined by |")
@@ -384,7 +384,7 @@ class SpeedrunConfig(Section):
 
     @cached_property
     def plan(self) -> TrainingPlan:
-        """The pretraining plan derived from depth and the horizon options (spec/05 §3)."""
+        """The pretraining plan derived from depth and the horizon options (docs/model.md#training-plan)."""
         p = self.pretrain
         return plan_training(
             depth=p.depth, aspect_ratio=p.aspect_ratio, head_dim=p.head_dim, max_seq_len=p.max_seq_len,

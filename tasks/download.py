@@ -45,7 +45,7 @@ DEFAULT_SOURCE = (
     "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main/"
     "shard_{index:05d}.parquet"
 )
-# The last shard of the default source; it is the validation split (spec 02 §1).
+# The last shard of the default source; it is the validation split (docs/model.md#pretraining-data).
 DEFAULT_VAL_SHARD = 6542
 
 CHUNK_BYTES = 1 << 20

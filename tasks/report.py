@@ -62,7 +62,7 @@ from tasks.verdict import (HISTORY_MIN_RUNS, HISTORY_REL_FLOOR, HISTORY_SIGMAS, 
 
 REPORT = STAGE_REGISTRY["report"]
 DEPLOYED_PRESETS = ("smoke", "cpu", "d12", "d20", "d24", "d26")  # prefect.yaml: speedrun/<preset>
-GPT2_CORE = 0.256525  # CORE of OpenAI's GPT-2 1.6B checkpoint: the leaderboard's bar (spec/10 §2)
+GPT2_CORE = 0.256525  # CORE of OpenAI's GPT-2 1.6B checkpoint: the leaderboard's bar (docs/evaluation.md#the-gpt-2-bar)
 STAGES = {name: stage.title for name, stage in STAGE_REGISTRY.items() if name != "report"}  # report order, titles
 # Metrics rendered as their own tables rather than as bullet lines.
 TABLED = {"core_results", "core_centered", "tasks", "rows", "samples", "hyperparameters"}

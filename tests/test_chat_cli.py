@@ -1,4 +1,4 @@
-"""The chat CLI (spec/09 §5): a tiny model that has memorised two conversations answers through
+"""The chat CLI (docs/inference.md#chat-cli): a tiny model that has memorised two conversations answers through
 `python -m model.chat` exactly as trained -- one-shot (-p) and interactive (quit / clear) -- from explicit
 directories, an --artifact directory, or the newest SFT artifact in the store; missing inputs exit 2.
 

@@ -1,4 +1,4 @@
-"""Chat evaluation (model/chat_eval.py, spec/08 §6) on a tiny trained model and the real task files.
+"""Chat evaluation (model/chat_eval.py, docs/evaluation.md#chat-evaluation) on a tiny trained model and the real task files.
 
 The model (depth 2, width 128) is a fresh build with random weights (see `model_and_config`): its letter
 logits differ between problems, and it answers nothing on purpose. What is checked:

@@ -1,4 +1,4 @@
-"""Tests for the chat rendering in model/chat_render.py (spec/08 §2).
+"""Tests for the chat rendering in model/chat_render.py.
 
 A small tokenizer (vocab 512) is trained once per module on the start of the first
 pretraining shard; training is deterministic, so a few literal ids are pinned too.
@@ -47,7 +47,7 @@ GOLDEN = {
 
 
 def hand_rendered(tok):
-    """GOLDEN assembled piece by piece from encode() and the special ids (spec/08 §2 step 3)."""
+    """GOLDEN assembled piece by piece from encode() and the special ids."""
     pieces = [
         ([special(tok, "<|bos|>")], 0),
         ([special(tok, "<|user_start|>")], 0),

@@ -1,7 +1,7 @@
 """Tests for the run configuration (tasks/config.py) and the depth sizing arithmetic (model/sizing.py).
 
-Golden numbers come from spec/03 §1 (sizing table), §4 (windows), §6-§7 (parameter and FLOP
-accounting) and spec/05 §3 (derived quantities) and §10 (the worked d24 example). Nothing here
+Golden numbers come from docs/model.md: the sizing table, the windows, the parameter and FLOP
+accounting and the training plan with its worked d24 example. Nothing here
 touches the network: the ClimbMix template source resolves without listing it, and mirror runs
 use the real ../shared/data directory (skipped, saying why, where it is absent).
 """
@@ -49,7 +49,7 @@ def store(tmp_path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# 1. sizing golden values (spec/03 §1 table, §4, §6, §7)
+# 1. sizing golden values (docs/model.md#sizes-from-depth)
 
 SIZING_TABLE = {
     # depth: (model_dim, heads, VE layers, total params, scaling params, FLOPs/token (table, 4 s.f.))
@@ -73,13 +73,13 @@ def test_sizing_table(depth):
     assert counts["total"] == total
     assert shape.scaling_params() == scaling
     assert counts["total"] == sum(v for k, v in counts.items() if k != "total")
-    assert counts["scalars"] == 2 * depth + 26  # spec/03 §6
+    assert counts["scalars"] == 2 * depth + 26
     assert shape.flops_per_token() == pytest.approx(flops, rel=6e-4)
 
 
 def test_flops_per_token_d24_exact():
     shape = ModelShape.from_depth(24)
-    # spec/03 §7: 6 * 729,810,648 + 18432 * (6*2048 + 18*512)
+    # 6 * 729,810,648 + 18432 * (6*2048 + 18*512)
     assert shape.flops_per_token() == 6 * 729_810_648 + 18432 * (6 * 2048 + 18 * 512) == 4_775_225_616
 
 
@@ -115,7 +115,7 @@ def test_value_embedding_layers():
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. the d24 worked example (spec/05 §10) and the auto batch size rule (spec/05 §3)
+# 2. the d24 worked example (docs/model.md#training-plan) and the auto batch size rule
 
 def test_d24_worked_example(store):
     cfg = load_config("d24", store=store)
@@ -170,7 +170,7 @@ def _plan(**kw):
 
 
 def test_auto_batch_formula_small_depths():
-    # The spec's "2^18 for d<=8" is a summary of the formula; at d1/d2 the formula itself gives 2^17.
+    # The "2^18 up to d8" of docs/model.md#training-plan is a summary of the formula; at d1/d2 the formula itself gives 2^17.
     for depth in (1, 2):
         n = ModelShape.from_depth(depth).scaling_params()
         n_ref = ModelShape.from_depth(12).scaling_params()

@@ -1,4 +1,4 @@
-"""CORE evaluation (model/core_eval.py, spec/07 §2-§3) on CPU with the real bundle and a tiny trained GPT.
+"""CORE evaluation (model/core_eval.py, docs/evaluation.md#core) on CPU with the real bundle and a tiny trained GPT.
 
 Golden rendering / few-shot / shuffle / span tests pin the reference's exact prompts and scored tokens.
 A depth-2 GPT trained for a few dozen steps on real shard text (so losses are not uniform) checks that the
@@ -31,7 +31,7 @@ BUNDLE_DIR = SHARED_DATA / "eval_bundle"
 PRETRAIN_DIR = SHARED_DATA / "pretrain"
 WORKER = REPO_ROOT / "tests" / "core_eval_dist_worker.py"
 
-# The tiny model: trained on 64-token rows; evaluated with prompts cut to 256 tokens through the spec's
+# The tiny model: trained on 64-token rows; evaluated with prompts cut to 256 tokens through the reference's
 # `max_seq_len` truncation rule, which keeps the whole file well inside its time budget.
 TINY = dict(depth=2, width=128, heads=2, seq_len=64, vocab=512, steps=40, batch=8, eval_context=256)
 MAX_PER_TASK = 32

@@ -1,4 +1,4 @@
-"""The inference engine (spec/09 §1-§3): KV-cache forward == full forward, engine greedy == naive
+"""The inference engine (docs/inference.md): KV-cache forward == full forward, engine greedy == naive
 GPT.generate token for token (one prompt, replicated samples, ragged batches of prompts), sampling, and
 the calculator tool with its forced-token state machine. CPU, fp32, tiny models, single thread.
 

@@ -1,4 +1,4 @@
-"""The code-execution sandbox (model/execution.py, spec/09 §4): limits, isolation, and HumanEval programs.
+"""The code-execution sandbox (model/execution.py, docs/inference.md#code-execution-sandbox): limits, isolation, and HumanEval programs.
 
 Isolation tests run each escape under several layer sets: everything (what execute_code does), the kernel
 layers without the Python guards, the Python guards without any kernel layer, and each kernel layer meant to
@@ -308,7 +308,7 @@ def test_program_embeds_code_as_a_literal():
 
 
 def humaneval_program(problem: dict, completion: str) -> str:
-    """spec/08 §4: leading import lines of the prompt + code (no fence: the completion stripped) + test + check."""
+    """The HumanEval program: leading import lines of the prompt + code (no fence: the completion stripped) + test + check."""
     imports = []
     for line in problem["prompt"].splitlines():
         if not line.strip() or line.lstrip().startswith("#"):

@@ -1,4 +1,4 @@
-"""Tests of the reference GPT (spec/03) and its optimizer groups (spec/04 §1, §5); CPU, fp32, fast.
+"""Tests of the reference GPT (docs/model.md#architecture) and its optimizer groups (docs/model.md#parameter-groups); CPU, fp32, fast.
 
 Shapes and counts are checked on the meta device at full size (d12-d26); numerics on small models.
 """

@@ -1,4 +1,4 @@
-"""Tests for the BOS-aligned best-fit packing loader (model/data.py, spec 02 §5).
+"""Tests for the BOS-aligned best-fit packing loader (model/data.py, docs/model.md#data-loader).
 
 The packing rule is checked on hand-built token lists through ``pack_rows``; everything else
 runs the real loader on the real shards in ../shared/data/pretrain with a small tokenizer

@@ -1,4 +1,4 @@
-"""Tests for model/optim.py (spec/04, spec/11 "Optimizer"): AdamW parity with torch, Muon
+"""Tests for model/optim.py (docs/model.md#optimizer): AdamW parity with torch, Muon
 numerics (orthogonality, coefficients, LR scaling, cautious WD, NorMuon), determinism,
 convergence, schedules, state_dict resume, and the distributed step under torchrun + gloo."""
 
