@@ -2,7 +2,6 @@
 
 import json
 import multiprocessing
-from pathlib import Path
 
 from tasks.history import (append_history, comparable_runs, history_digest, history_path, is_repeat, plot_trend,
                            read_history, trend, trend_rows)

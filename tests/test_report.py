@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from tasks.config import ConfigError, load_config
-from tasks.history import append_history, history_path, read_history
+from tasks.history import append_history, read_history
 from tasks.publish import artifact_key, log_wandb
 from tasks.report import GPT2_CORE, REPORT, STAGES, add_trend, report_options, report_section, write_report
 from tasks.store import write_manifest
