@@ -8,8 +8,6 @@ summary.json (core_metric, per-task accuracy and centered values, train/val bpb,
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 from prefect.logging import get_run_logger
@@ -18,7 +16,7 @@ from tasks.cache import StageOutput, run_stage, stage_task
 from tasks.config import SpeedrunConfig
 from tasks.eval_bundle import BUNDLE_DIR
 from tasks.environment import numerics_environment
-from tasks.launch import run_torchrun, torchrun_options
+from tasks.launch import run_evaluation, torchrun_options
 from tasks.stages import STAGES, key_section
 
 BASE_EVAL = STAGES["base_eval"]
@@ -40,24 +38,16 @@ def base_eval_stage(section: dict, upstream: dict, store: str, options: dict, re
     logger = get_run_logger()
 
     def build(art: Path, work: Path) -> StageOutput:
-        out = work / "out"
         args = [f"--eval={section['eval']}", f"--max-per-task={section['max_per_task']}",
                 f"--device-batch-size={section['device_batch_size']}", f"--split-tokens={section['split_tokens']}",
                 f"--checkpoint-dir={Path(upstream['pretrain']['path']) / 'checkpoint'}",
                 f"--tokenizer-dir={upstream['tokenizer']['path']}", f"--data-dir={upstream['shards']['path']}",
-                f"--bundle-dir={Path(upstream['eval_bundle']['path']) / BUNDLE_DIR}", f"--out-dir={out}"]
+                f"--bundle-dir={Path(upstream['eval_bundle']['path']) / BUNDLE_DIR}"]
         if section["max_context"] is not None:
             args.append(f"--max-context={section['max_context']}")
         if section["allow_missing_tasks"]:
             args.append("--allow-missing-tasks")
-        if section["device_type"] != "auto":
-            args.append(f"--device-type={section['device_type']}")
-        args.append(f"--attention={section['environment']['attention']}")
-        run_torchrun("model.evaluate", args, log_path=work / "log.txt", log=logger.info, **options["torchrun"])
-        for produced in out.iterdir():
-            shutil.copy2(produced, art / produced.name)
-        shutil.copy2(work / "log.txt", art / "log.txt")
-        summary = json.loads((out / "summary.json").read_text())
+        summary = run_evaluation("model.evaluate", args, section, work, art, options, logger.info)
         metrics = {k: summary.get(k) for k in ("core_metric", "core_tasks", "missing_tasks", "train_bpb", "val_bpb",
                                                 "core_results", "core_centered", "attention_backend")}
         return StageOutput(metrics=metrics, environment={"attention_backend": summary.get("attention_backend")})

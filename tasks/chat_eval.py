@@ -7,8 +7,6 @@ accuracy, passed/total, chatcore), one <task>.jsonl of per-problem records per t
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 from prefect.logging import get_run_logger
@@ -16,7 +14,7 @@ from prefect.logging import get_run_logger
 from tasks.cache import StageOutput, run_stage, stage_task
 from tasks.config import SpeedrunConfig
 from tasks.environment import numerics_environment
-from tasks.launch import run_torchrun, torchrun_options
+from tasks.launch import run_evaluation, torchrun_options
 from tasks.stages import STAGES, key_section
 from tasks.store import content_digest
 
@@ -40,24 +38,16 @@ def chat_eval_stage(section: dict, upstream: dict, store: str, options: dict, re
     logger = get_run_logger()
 
     def build(art: Path, work: Path) -> StageOutput:
-        out = work / "out"
         sft = Path(upstream["sft"]["path"])
         args = [f"--checkpoint-dir={sft / 'checkpoint'}", f"--tokenizer-dir={sft / 'tokenizer'}",
                 f"--tasks={section['tasks']}", f"--temperature={section['temperature']}",
                 f"--max-new-tokens={section['max_new_tokens']}", f"--num-samples={section['num_samples']}",
-                f"--top-k={section['top_k']}", f"--batch-size={section['batch_size']}", f"--out-dir={out}"]
+                f"--top-k={section['top_k']}", f"--batch-size={section['batch_size']}"]
         if section["max_problems"] is not None:
             args.append(f"--max-problems={section['max_problems']}")
         if options["data_dir"]:
             args.append(f"--data-dir={options['data_dir']}")
-        if section["device_type"] != "auto":
-            args.append(f"--device-type={section['device_type']}")
-        args.append(f"--attention={section['environment']['attention']}")
-        run_torchrun("model.chat_eval", args, log_path=work / "log.txt", log=logger.info, **options["torchrun"])
-        for produced in out.iterdir():
-            shutil.copy2(produced, art / produced.name)
-        shutil.copy2(work / "log.txt", art / "log.txt")
-        summary = json.loads((out / "summary.json").read_text())
+        summary = run_evaluation("model.chat_eval", args, section, work, art, options, logger.info)
         metrics = {"tasks": summary["tasks"], "chatcore": summary.get("chatcore"),
                    "chatcore_cat": summary.get("chatcore_cat"), "attention_backend": summary.get("attention_backend")}
         return StageOutput(metrics=metrics, environment={"attention_backend": summary.get("attention_backend")})

@@ -15,7 +15,9 @@ A run that stopped on request raises TorchrunCancelled: a retry resumes from the
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -206,3 +208,21 @@ def _group_alive(pgid: int) -> bool:
         return True
     except ProcessLookupError:
         return False
+
+
+def run_evaluation(module: str, args: list[str], section: dict, work: Path, art: Path, options: dict,
+                   log=print) -> dict:
+    """Run an evaluation entry point (model.evaluate, model.chat_eval) that writes into work/out/, copy what it
+    wrote and its log into the artifact, and return its summary.json. The device type and attention backend
+    come from the stage's key section."""
+    out = work / "out"
+    args = [*args, f"--out-dir={out}"]
+    if section["device_type"] != "auto":
+        args.append(f"--device-type={section['device_type']}")
+    args.append(f"--attention={section['environment']['attention']}")
+    run_torchrun(module, args, log_path=work / "log.txt", log=log, **options["torchrun"])
+    for produced in out.iterdir():
+        shutil.copy2(produced, art / produced.name)
+    shutil.copy2(work / "log.txt", art / "log.txt")
+    return json.loads((out / "summary.json").read_text())
+
