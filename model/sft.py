@@ -238,7 +238,7 @@ def trim_metrics(path: Path, resume_step: int) -> None:
 def run_chatcore(model, tokenizer, args, batch_size: int) -> dict[str, dict]:
     """ChatCORE's five tasks on the uncompiled model: categorical ones limited by --chatcore-max-cat,
     generative ones by --chatcore-max-sample."""
-    from model.chat_eval import run_chat_eval
+    from model.chat_scoring import run_chat_eval
 
     def limit(n: int) -> int | None:
         return None if n < 0 else n

@@ -110,7 +110,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
         "data": "enters as the files' content digests",
         "sources": "enters as the files' content digests",
     }, gates=(
-        Gate("sft.chatcore_every", ("model.chat_eval", "model.execution"), lambda s: s["chatcore_every"] > 0),
+        Gate("sft.chatcore_every", ("model.chat_scoring", "model.execution"), lambda s: s["chatcore_every"] > 0),
     ), volatile=TRAINING_RUN_RECORDS),
     Stage("chat_eval", "Chat evaluation (SFT)", ("sft", "tokenizer"), ("tasks.chat_eval", "model.chat_eval"),
           section="chat_eval", excluded={"data_dir": "enters as the files' content digest"}, volatile=("log.txt",)),

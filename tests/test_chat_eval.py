@@ -1,4 +1,4 @@
-"""Chat evaluation (model/chat_eval.py, docs/evaluation.md#chat-evaluation) on a tiny trained model and the real task files.
+"""Chat evaluation (model/chat_scoring.py and its entry point model/chat_eval.py, docs/evaluation.md#chat-evaluation) on a tiny trained model and the real task files.
 
 The model (depth 2, width 128) is a fresh build with random weights (see `model_and_config`): its letter
 logits differ between problems, and it answers nothing on purpose. What is checked:
@@ -19,7 +19,8 @@ import torch
 
 from model.chat_data import chat_eval_task
 from model.chat_render import render_for_completion
-from model.chat_eval import evaluate_tasks, letter_token_ids, parse_args, parse_task_names, run_chat_eval
+from model.chat_eval import parse_args
+from model.chat_scoring import evaluate_tasks, letter_token_ids, parse_task_names, run_chat_eval
 from model.checkpoint import save_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

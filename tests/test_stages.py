@@ -141,8 +141,8 @@ def test_stage_closures_follow_the_options():
     assert "model/engine.py" not in names("pretrain", {**sections["pretrain"], "sample_every": 100})  # log only
     sft = names("sft", sections["sft"])
     assert {"model/sft.py", "model/sft_loader.py", "model/chat_data.py"} <= sft
-    assert not {"model/chat_eval.py", "model/core_eval.py", "model/train.py", "model/execution.py"} & sft
-    assert {"model/chat_eval.py", "model/execution.py"} <= names("sft", {**sections["sft"], "chatcore_every": 10})
+    assert not {"model/chat_scoring.py", "model/chat_eval.py", "model/core_eval.py", "model/train.py", "model/execution.py"} & sft
+    assert {"model/chat_scoring.py", "model/execution.py"} <= names("sft", {**sections["sft"], "chatcore_every": 10})
     assert "model/core_eval.py" in names("base_eval", {}) and "model/sft.py" not in names("base_eval", {})
     assert {"tasks/report.py", "tasks/verdict.py", "tasks/publish.py"} <= names("report", {})  # the verdict decides what the report says
 
