@@ -4,11 +4,10 @@ The server runs with its late-runs service and proactive-trigger evaluation turn
 Late a second or two past its scheduled time and a proactive window closes on time. The install script
 runs twice as a user runs it: first with its defaults and --no-success (the late-finish window is the
 expected duration of the nightly deployment's preset, read from the server), then with 15 s / 10 s windows,
-which must replace those three automations, not add to them, and add the success one. Then five runs
+which must replace those three automations, not add to them, and add the success one. Then four runs
 tagged `nightly` of that deployment, whose work pool nobody polls, all created before any alert is awaited:
 
 * late      Scheduled now, never picked up: Late, then the late-start alert names it;
-* on_time   Scheduled now, set Running a few seconds after it went Late: no late-start alert;
 * held      Running and left there: the late-finish alert names it;
 * passed    Running, then Completed with a verdict line: the success alert carries the line;
 * failed    Running, then Failed: the failed alert carries the message.
@@ -26,7 +25,7 @@ import pytest
 from tests.test_deployment_e2e import REPO_ROOT, Webhook, background, free_port, wait_healthy
 
 FINISH_S = 10  # the smallest `within` Prefect accepts for a proactive trigger
-LATE_START_S = 15  # room to start on_time within it
+LATE_START_S = 15
 VERDICT = "PASS smoke@abc: min_val_bpb 1.0, CORE 0.1, training 0.01 h"
 NAMES = {f"speedrun-nightly-{kind}" for kind in ("failed", "late-start", "late-finish", "completed")}
 
