@@ -88,9 +88,14 @@ def _measured(entry: dict) -> dict:
     return {k: v for k, v in entry.items() if k not in ("date", "pretrain_key", "run_identity")}
 
 
+def alike(entry: dict, like: dict) -> bool:
+    """Same preset, hardware and world size (LIKE): only such runs are compared."""
+    return all(entry.get(k) == like.get(k) for k in LIKE)
+
+
 def trend(history: list[dict], like: dict, runs: int = TREND_RUNS) -> list[dict]:
     """The last `runs` entries of the same preset, hardware and world size as `like`, oldest first."""
-    same = [e for e in history if all(e.get(k) == like.get(k) for k in LIKE)]
+    same = [e for e in history if alike(e, like)]
     return same[-runs:]
 
 
@@ -105,7 +110,7 @@ def comparable_runs(history: list[dict], like: dict, runs: int) -> list[dict]:
     own = like.get("pretrain_sha256")
     latest: dict = {}  # pretrain content hash (or the entry's position, without one) -> its latest entry
     for i, e in enumerate(history):
-        if e.get("verdict") != "pass" or any(e.get(k) != like.get(k) for k in LIKE):
+        if e.get("verdict") != "pass" or not alike(e, like):
             continue
         if own is not None and e.get("pretrain_sha256") == own:
             continue
