@@ -7,7 +7,7 @@ Without --checkpoint, a tokenizer (vocab 1024) and a smoke-size GPT (depth 4, he
 deployments/presets/smoke.yaml) are trained on the spot on ../shared/data/pretrain, so the scores are not
 uniform. With --checkpoint, DIR is a pretrain artifact's checkpoint/ folder (model_NNNNNN.pt + meta_NNNNNN.json).
 Each task of the bundle (../shared/data/eval_bundle; missing tasks allowed) is evaluated the three ways
-(model/core_eval.py: method prefix, batched, reference), one right after the other, and the per-item
+(model/core_scoring.py: method prefix, batched, reference), one right after the other, and the per-item
 decisions compared with the reference's.
 
 Prints one JSON object: prefix_examples_per_s, batched_examples_per_s, reference_examples_per_s,
@@ -27,8 +27,9 @@ from pathlib import Path
 import torch
 
 from model.common import COMPUTE_DTYPE, autodetect_device_type
-from model.core_eval import (BatchedStats, context_limit, default_tie_tolerance, default_token_budget, evaluate_task,
-                             prepare_task_data)
+from model.core_eval import evaluate_task
+from model.core_prompts import context_limit, prepare_task_data
+from model.core_scoring import BatchedStats, default_tie_tolerance, default_token_budget
 
 METHODS = ("prefix", "batched", "reference")
 from model.eval_bundle import load_bundle, load_task_data

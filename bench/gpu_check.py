@@ -25,7 +25,7 @@ Checks (each one an entry of "checks" with "ok"; the script exits 1 if any is no
 - train_speed: d12 pretraining steps on the shards with torch.compile, bf16 then FP8: tok/s, bf16 MFU,
   first-step compile seconds, FP8/bf16 throughput ratio, finite losses; on a fused attention backend also
   bf16 on FlexAttention, for the fused/flex tok/s ratio.
-- core_speed: CORE evaluation by prefix sharing, batching and one item at a time (model/core_eval.py) on
+- core_speed: CORE evaluation by prefix sharing, batching and one item at a time (model/core_scoring.py) on
   the trained d12: examples/s each, and identical decisions.
 - engine_speed: decode tokens/s of the engine at batch 1 and batch 8.
 
@@ -439,7 +439,8 @@ def synthetic_core_tasks(data_dir: Path, items: int):
 
 
 def check_core_speed(args, device, sizes, tokenizer, keep: dict) -> dict:
-    from model.core_eval import BatchedStats, evaluate_task
+    from model.core_eval import evaluate_task
+    from model.core_scoring import BatchedStats
 
     model = keep.get("model") or small_gpt(sizes, tokenizer.get_vocab_size(), device)
     seconds = {"prefix": 0.0, "batched": 0.0, "reference": 0.0}

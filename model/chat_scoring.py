@@ -26,7 +26,7 @@ import torch.distributed as dist
 from model.chat_data import CHAT_EVAL_TASKS, chat_eval_task
 from model.chat_render import render_for_completion
 from model.common import dist_info, print0
-from model.core_eval import evaluation_mode
+from model.core_scoring import evaluation_mode
 from model.engine import Engine
 
 PROGRESS_LINES = 10  # progress lines per task on rank 0

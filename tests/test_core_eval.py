@@ -1,4 +1,4 @@
-"""CORE evaluation (model/core_eval.py, docs/evaluation.md#core) on CPU with the real bundle and a tiny trained GPT.
+"""CORE evaluation (model/core_eval.py, core_prompts.py, core_scoring.py, docs/evaluation.md#core) on CPU with the real bundle and a tiny trained GPT.
 
 Golden rendering / few-shot / shuffle / span tests pin the reference's exact prompts and scored tokens.
 A depth-2 GPT trained for a few dozen steps on real shard text (so losses are not uniform) checks that the
@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.core_eval import (BatchedStats, PreparedExample, _score_batch, batched_decision, centered, core_metric,
-                             evaluate_core, evaluate_example_reference, evaluate_examples_prefix_shared, evaluate_task,
-                             evaluation_mode, first_argmin, fewshot_examples, pack_batches, pack_prefix_groups,
-                             prepare_example, prepare_examples, prepare_task_data, render_prompts,
-                             shared_prefix_length, tokenize_example, truncate_to_limit, write_core_csv)
+from model.core_eval import centered, core_metric, evaluate_core, evaluate_example_reference, evaluate_task, write_core_csv
+from model.core_prompts import (PreparedExample, fewshot_examples, prepare_example, prepare_examples, prepare_task_data,
+                                render_prompts, tokenize_example, truncate_to_limit)
+from model.core_scoring import (BatchedStats, _score_batch, batched_decision, evaluate_examples_prefix_shared,
+                                evaluation_mode, first_argmin, pack_batches, pack_prefix_groups, shared_prefix_length)
 from model.eval_bundle import load_bundle, load_task_data
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -400,7 +400,7 @@ def test_prefix_scores_equal_full_forward_scores_far_below_the_tolerance(trained
 
 def _prefix_scores(model, ex, pad_id):
     """The per-option scores of one item through the prefix path's own steps."""
-    from model.core_eval import _padded_batch, _span_index, _span_scores
+    from model.core_scoring import _padded_batch, _span_index, _span_scores
     from model.engine import prefill_padded
 
     p = shared_prefix_length(ex)

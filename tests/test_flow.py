@@ -367,8 +367,8 @@ def test_cli_summary_json_cached_rerun_and_source_edit(cli_env, shared_data, tmp
     # the output changed (content hashes): these edits change no bits, so everything downstream stays Cached.
     edits = [  # (file, the extra arguments of that run, the stages that re-execute)
         ("tasks/chat_eval.py", (), {"chat_eval"}),
-        # CORE runs in base_eval and, through ChatCORE's shared helpers, chat_eval; smoke trains without CORE
-        ("model/core_eval.py", (), {"base_eval", "chat_eval"}),
+        # CORE's scoring runs in base_eval and, through ChatCORE's shared helpers, chat_eval; smoke trains without CORE
+        ("model/core_scoring.py", (), {"base_eval", "chat_eval"}),
         ("model/sft_loader.py", (), {"sft"}),  # SFT retrains to bitwise the same weights on CPU
         # the checkpoint period is not in the pretrain key; the report renders the config, so it re-renders
         (None, ("--set", "pretrain.save_every=2"), {"report"}),
