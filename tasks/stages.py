@@ -115,7 +115,9 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("chat_eval", "Chat evaluation (SFT)", ("sft", "tokenizer"), ("tasks.chat_eval", "model.chat_eval"),
           section="chat_eval", excluded={"data_dir": "enters as the files' content digest"}, volatile=("log.txt",)),
     Stage("report", "Report", ("shards", "tokenizer", "pretrain", "eval_bundle", "base_eval", "sft", "chat_eval"),
-          ("tasks.report", "tasks.verdict", "tasks.publish"), section="report"),
+          # the files that write report.md, its plots and its trend section, the verdict and the published artifacts
+          ("tasks.report", "tasks.report_render", "tasks.verdict", "tasks.history", "tasks.plots", "tasks.publish"),
+          section="report"),
 )}
 STAGE_NAMES = tuple(STAGES)
 

@@ -20,7 +20,8 @@ import yaml
 from tasks.config import ConfigError, load_config
 from tasks.history import append_history, read_history
 from tasks.publish import artifact_key, log_wandb
-from tasks.report import GPT2_CORE, REPORT, STAGES, add_trend, report_options, report_section, write_report
+from tasks.report import REPORT, add_trend, report_options, report_section, write_report
+from tasks.report_render import GPT2_CORE, STAGES
 from tasks.store import write_manifest
 from tasks.verdict import HISTORY_MIN_RUNS, RegressionDetected, gate, judge, load_baseline, main, verdict_line
 from tests.test_verdict import H100, history_entry, regression  # H100: what the fixture's pretraining ran on

@@ -144,14 +144,16 @@ def test_stage_closures_follow_the_options():
     assert not {"model/chat_scoring.py", "model/chat_eval.py", "model/core_eval.py", "model/train.py", "model/execution.py"} & sft
     assert {"model/chat_scoring.py", "model/execution.py"} <= names("sft", {**sections["sft"], "chatcore_every": 10})
     assert "model/core_eval.py" in names("base_eval", {}) and "model/sft.py" not in names("base_eval", {})
-    assert {"tasks/report.py", "tasks/verdict.py", "tasks/publish.py"} <= names("report", {})  # the verdict decides what the report says
+    # the verdict decides what the report says; the renderer, the trend and the plots write it
+    assert {"tasks/report.py", "tasks/report_render.py", "tasks/verdict.py", "tasks/history.py", "tasks/plots.py",
+            "tasks/publish.py"} <= names("report", {})
 
 
 # ---------------------------------------------------------------------------------------- registry
 
 def test_registry_is_the_one_list_of_stages():
     from flows.speedrun import stage_graph, stages_to_refresh
-    from tasks.report import STAGES as REPORT_TITLES
+    from tasks.report_render import STAGES as REPORT_TITLES
 
     assert STAGE_NAMES == ("shards", "tokenizer", "eval_bundle", "pretrain", "base_eval", "sft", "chat_eval", "report")
     assert list(REPORT_TITLES) == list(STAGE_NAMES[:-1])
