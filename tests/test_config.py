@@ -23,9 +23,9 @@ from model.sizing import (
     value_embedding_layers,
     window_sizes,
 )
+from tasks.config_sections import PretrainConfig
 from tasks.config import (
     ConfigError,
-    PretrainConfig,
     SpeedrunConfig,
     build_config,
     list_presets,
