@@ -21,7 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from model.sizing import PlanError, TrainingPlan, plan_training
-from tasks.download import DEFAULT_SOURCE, DEFAULT_VAL_SHARD, list_source_shards
+from tasks.shard_source import DEFAULT_SOURCE, DEFAULT_VAL_SHARD, list_source_shards
 from tasks.config_sections import (BaseEvalConfig, ChatEvalConfig, DataConfig, PretrainConfig, ReportConfig,
                                    RuntimeConfig, Section, SFTConfig, TokenizerConfig)
 from tasks.source_identity import is_local

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from model.chat_data import CHAT_EVAL_TASKS
 from model.sft_data import SFT_SOURCES
-from tasks.download import DEFAULT_SOURCE
+from tasks.shard_source import DEFAULT_SOURCE
 
 DEFAULT_BUNDLE = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 

@@ -1,4 +1,4 @@
-"""Tests for fetching and validating pretraining shards (tasks/download.py, model/data.py).
+"""Tests for fetching and validating pretraining shards (tasks/download.py, tasks/shard_source.py, model/data.py).
 
 Everything runs against the real shards in ../shared/data/pretrain, served by a real HTTP
 server on 127.0.0.1 that can misbehave on purpose (truncate, garble, stall, fail with 503) for
@@ -32,15 +32,8 @@ from model.data import (
     shard_filename,
     validate_shard,
 )
-from tasks.download import (
-    ShardDownloadError,
-    ShardRecord,
-    ShardSourceError,
-    fetch_shards,
-    list_source_shards,
-    shard_identities,
-    shard_url,
-)
+from tasks.download import ShardDownloadError, ShardRecord, fetch_shards, shard_identities
+from tasks.shard_source import ShardSourceError, list_source_shards, shard_url
 from tasks.source_identity import HashCache
 
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -21,7 +21,7 @@ import pytest
 
 from flows.speedrun import speedrun, stages_to_refresh
 from test_deployment_e2e import SHRINK, small_bundle
-from tasks.download import ShardSourceError
+from tasks.shard_source import ShardSourceError
 from model.files import sha256_file
 from tasks.store import WORK, read_manifest
 
