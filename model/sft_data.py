@@ -3,9 +3,9 @@
 `sft_mixture(split)` is the reference hub mixture (SmolTalk + MMLU auxiliary_train x mmlu_epochs + GSM8K
 train x gsm8k_epochs; val = SmolTalk test + MMLU test[:5200] + GSM8K test[:420]), or local conversation
 files in its place (`data=`), or the hub mixture with single sources replaced by local files in their own
-row format (`sources=`). Local data is split into train/val by `chat_data.held_out_order` (seed-42
-shuffle, the last max(1, n // 50) rows held out), so the two never overlap. The tasks themselves, the
-loading and the shuffles live in model/chat_data.py.
+row format (`sources=`). Local data is split into train/val by `chat_datasets.held_out_order` (seed-42
+shuffle, the last max(1, n // 50) rows held out), so the two never overlap. The tasks themselves are in
+model/chat_data.py, the loading and the shuffles in model/chat_datasets.py.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from model.chat_data import GSM8K, MMLU, ShuffledRows, Task, TaskMixture, held_out_order, load_rows, load_local_file
+from model.chat_data import GSM8K, MMLU, Task, TaskMixture
+from model.chat_datasets import ShuffledRows, held_out_order, load_local_file, load_rows
 from model.chat_render import ConversationError, check_conversation
 
 def check_training_conversation(conversation: dict, where: str) -> None:

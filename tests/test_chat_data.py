@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from model import chat_data as cd
+from model import chat_datasets as cds
 from model import sft_data as sd
 from model.chat_render import ConversationError
 
@@ -88,7 +89,7 @@ def test_eval_task_loads_shuffled(name, eval_dir):
 
 def test_shuffle_matches_datasets_shuffle(eval_dir):
     """Our permutation is the row order of the reference's `Dataset.shuffle(seed=42)`."""
-    dataset = cd.load_local_file(eval_dir / "gsm8k" / "test.jsonl")
+    dataset = cds.load_local_file(eval_dir / "gsm8k" / "test.jsonl")
     theirs = dataset.shuffle(seed=42, keep_in_memory=True)
     ours = cd.GSM8K("main", "test", eval_dir)
     for i in (0, 1, 2, 700, 1318):
@@ -208,13 +209,13 @@ def test_unknown_task_and_missing_local_file(eval_dir, tmp_path):
 
 
 def test_hub_sources():
-    assert cd.dataset_source("ARC", "ARC-Challenge", "test", None) == ("hub", "allenai/ai2_arc", "ARC-Challenge", "test")
-    assert cd.dataset_source("MMLU", "all", "test", None) == ("hub", "cais/mmlu", "all", "test")
-    assert cd.dataset_source("GSM8K", "main", "train", None) == ("hub", "openai/gsm8k", "main", "train")
-    assert cd.dataset_source("HumanEval", "openai_humaneval", "test", None) == (
+    assert cds.dataset_source("ARC", "ARC-Challenge", "test", None) == ("hub", "allenai/ai2_arc", "ARC-Challenge", "test")
+    assert cds.dataset_source("MMLU", "all", "test", None) == ("hub", "cais/mmlu", "all", "test")
+    assert cds.dataset_source("GSM8K", "main", "train", None) == ("hub", "openai/gsm8k", "main", "train")
+    assert cds.dataset_source("HumanEval", "openai_humaneval", "test", None) == (
         "hub", "openai/openai_humaneval", "openai_humaneval", "test")
-    assert cd.dataset_source("SmolTalk", None, "train", None) == ("hub", "HuggingFaceTB/smol-smoltalk", None, "train")
-    assert cd.dataset_source("GSM8K", "main", "test", "/d") == ("local", Path("/d/gsm8k/test.jsonl"))
+    assert cds.dataset_source("SmolTalk", None, "train", None) == ("hub", "HuggingFaceTB/smol-smoltalk", None, "train")
+    assert cds.dataset_source("GSM8K", "main", "test", "/d") == ("local", Path("/d/gsm8k/test.jsonl"))
 
 
 def test_mmlu_load_is_memoised(eval_dir):
