@@ -32,7 +32,7 @@ from model.data import read_shard_paths  # noqa: E402
 from model.dataloader import BestFitLoader, val_loader  # noqa: E402
 from model.gpt import GPTConfig, build_model  # noqa: E402
 from model.loop import TrainingRun, add_run_options  # noqa: E402
-from model.optim import get_lr_multiplier, get_muon_momentum, get_weight_decay  # noqa: E402
+from model.schedules import get_lr_multiplier, get_muon_momentum, get_weight_decay  # noqa: E402
 from model.run_control import check_finite  # noqa: E402
 from model.sizing import plan_training  # noqa: E402
 from model.tokenizer import Tokenizer, load_token_bytes  # noqa: E402

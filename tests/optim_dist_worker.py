@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model.optim import MuonAdamW, get_lr_multiplier  # noqa: E402
+from model.optim import MuonAdamW  # noqa: E402
+from model.schedules import get_lr_multiplier  # noqa: E402
 
 NUM_STEPS = 4
 SAVE_AFTER = 2

@@ -15,16 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.optim import (
-    POLAR_EXPRESS_COEFFS,
-    MuonAdamW,
-    get_lr_multiplier,
-    get_muon_momentum,
-    get_weight_decay,
-    muon_lr_scale,
-    muon_step_fused,
-    normuon,
-)
+from model.optim import MuonAdamW
+from model.optim_steps import POLAR_EXPRESS_COEFFS, muon_lr_scale, muon_step_fused, normuon
+from model.schedules import get_lr_multiplier, get_muon_momentum, get_weight_decay
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKER = REPO_ROOT / "tests" / "optim_dist_worker.py"
@@ -172,7 +165,7 @@ def test_step_functions_are_single_graphs_without_hyperparameter_recompiles():
     """The CUDA path compiles both step functions with fullgraph=True; check with dynamo's tracer
     (a counting backend, no inductor) that they trace whole and that new hyper-parameter values
     (0-D tensors) reuse the graph."""
-    from model.optim import adamw_step_fused
+    from model.optim_steps import adamw_step_fused
 
     graphs = []
 
