@@ -56,7 +56,8 @@ from tasks.stages import STAGES as STAGE_REGISTRY
 from tasks.stages import code_fingerprint, key_section
 from tasks.store import atomic_write_json, canonical_json, git_commit, read_manifest, sha256_bytes
 from tasks.report_render import GPT2_CORE, STAGES, chat_rows, core_rows, plot_val_bpb, render_report, render_submission
-from tasks.verdict import check_baseline, gate, history_verdict, judge, verdict_line
+from tasks.baselines import check_baseline
+from tasks.verdict import gate, history_verdict, judge, verdict_line
 
 REPORT = STAGE_REGISTRY["report"]
 DEPLOYED_PRESETS = ("smoke", "cpu", "d12", "d20", "d24", "d26")  # prefect.yaml: speedrun/<preset>

@@ -116,7 +116,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           section="chat_eval", excluded={"data_dir": "enters as the files' content digest"}, volatile=("log.txt",)),
     Stage("report", "Report", ("shards", "tokenizer", "pretrain", "eval_bundle", "base_eval", "sft", "chat_eval"),
           # the files that write report.md, its plots and its trend section, the verdict and the published artifacts
-          ("tasks.report", "tasks.report_render", "tasks.verdict", "tasks.history", "tasks.plots", "tasks.publish"),
+          ("tasks.report", "tasks.report_render", "tasks.verdict", "tasks.baselines", "tasks.history", "tasks.plots",
+           "tasks.publish"),
           section="report"),
 )}
 STAGE_NAMES = tuple(STAGES)

@@ -23,7 +23,8 @@ from tasks.publish import artifact_key, log_wandb
 from tasks.report import REPORT, add_trend, report_options, report_section, write_report
 from tasks.report_render import GPT2_CORE, STAGES
 from tasks.store import write_manifest
-from tasks.verdict import HISTORY_MIN_RUNS, RegressionDetected, gate, judge, load_baseline, main, verdict_line
+from tasks.baselines import load_baseline
+from tasks.verdict import HISTORY_MIN_RUNS, RegressionDetected, gate, judge, main, verdict_line
 from tests.test_verdict import H100, history_entry, regression  # H100: what the fixture's pretraining ran on
 
 PRETRAIN_SUMMARY = {"total_training_time": 5940.25, "total_training_flops": 2.788e19, "min_val_bpb": 0.71794,

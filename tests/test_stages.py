@@ -145,7 +145,7 @@ def test_stage_closures_follow_the_options():
     assert {"model/chat_scoring.py", "model/execution.py"} <= names("sft", {**sections["sft"], "chatcore_every": 10})
     assert "model/core_eval.py" in names("base_eval", {}) and "model/sft.py" not in names("base_eval", {})
     # the verdict decides what the report says; the renderer, the trend and the plots write it
-    assert {"tasks/report.py", "tasks/report_render.py", "tasks/verdict.py", "tasks/history.py", "tasks/plots.py",
+    assert {"tasks/report.py", "tasks/report_render.py", "tasks/verdict.py", "tasks/baselines.py", "tasks/history.py", "tasks/plots.py",
             "tasks/publish.py"} <= names("report", {})
 
 

@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from tasks.config import ConfigError, load_config
-from tasks.verdict import BASELINES_DIR, check_baseline, compare, compare_history, judge, load_baseline, verdict_line
+from tasks.baselines import BASELINES_DIR, check_baseline, load_baseline
+from tasks.verdict import compare, compare_history, judge, verdict_line
 
 H100 = {"hardware": "NVIDIA H100 80GB HBM3", "world_size": 8}  # one 8xH100 node, as pretraining records it
 
