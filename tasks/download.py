@@ -82,22 +82,37 @@ _TRANSIENT_ERRORS = (aiohttp.ClientError, OSError, CorruptShardError)
 _LOCAL_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 
-def _download(
-    url: str,
-    index: int,
-    final: Path,
-    *,
-    attempts: int,
-    backoff_s: float,
-    timeout_s: float,
-    cancelled: threading.Event,
-    log: Callable[[str], Any],
-) -> ShardRecord:
+@dataclass(frozen=True)
+class _Attempts:
+    """How every shard of one call is fetched: up to `attempts` tries with exponential backoff, reads bounded by
+    `timeout_s`, a cancellation shared by all shards (set when one fails for good), and where to log."""
+
+    attempts: int
+    backoff_s: float
+    timeout_s: float
+    cancelled: threading.Event
+    log: Callable[[str], Any]
+
+    def retry_or_stop(self, exc: BaseException, index: int, attempt: int) -> bool:
+        """Log a failed attempt; wait out the backoff and return True to try again, False after the last."""
+        failure = f"shard {index:05d}: attempt {attempt}/{self.attempts} failed"
+        if attempt == self.attempts:
+            self.log(f"{failure} ({_describe(exc, self.timeout_s)})")
+            return False
+        delay = self.backoff_s * 2 ** (attempt - 1)
+        self.log(f"{failure} ({_describe(exc, self.timeout_s)}); retrying in {delay:g} s")
+        # Waiting on the event lets a failure elsewhere cut the backoff short.
+        if self.cancelled.wait(delay):
+            raise TransferCancelled() from exc
+        return True
+
+
+def _download(url: str, index: int, final: Path, tries: _Attempts) -> ShardRecord:
     last_error: BaseException | None = None
-    for attempt in range(1, attempts + 1):
+    for attempt in range(1, tries.attempts + 1):
         tmp = final.with_name(f"{final.name}.{uuid.uuid4().hex}.tmp")
         try:
-            size, sha256 = stream_to_file(url, tmp, timeout_s, cancelled)
+            size, sha256 = stream_to_file(url, tmp, tries.timeout_s, tries.cancelled)
             stats = validate_shard(tmp)
             os.replace(tmp, final)
             fsync_dir(final.parent)
@@ -115,28 +130,14 @@ def _download(
                     "or point runtime.store (--store) at a disk with room for the shards"
                 ) from exc
             last_error = exc
-            if not _retry_or_stop(exc, index, attempt, attempts, backoff_s, timeout_s, cancelled, log):
+            if not tries.retry_or_stop(exc, index, attempt):
                 break
         finally:
             tmp.unlink(missing_ok=True)
     raise ShardDownloadError(
-        f"shard {index} could not be fetched from {url} after {attempts} attempts; "
-        f"last error: {_describe(last_error, timeout_s)}"
+        f"shard {index} could not be fetched from {url} after {tries.attempts} attempts; "
+        f"last error: {_describe(last_error, tries.timeout_s)}"
     ) from last_error
-
-
-def _retry_or_stop(exc, index, attempt, attempts, backoff_s, timeout_s, cancelled, log) -> bool:
-    """Log a failed attempt; wait out the backoff and return True to try again, False after the last."""
-    failure = f"shard {index:05d}: attempt {attempt}/{attempts} failed"
-    if attempt == attempts:
-        log(f"{failure} ({_describe(exc, timeout_s)})")
-        return False
-    delay = backoff_s * 2 ** (attempt - 1)
-    log(f"{failure} ({_describe(exc, timeout_s)}); retrying in {delay:g} s")
-    # Waiting on the event lets a failure elsewhere cut the backoff short.
-    if cancelled.wait(delay):
-        raise TransferCancelled() from exc
-    return True
 
 
 def _source_record(shard: Path) -> Path:
@@ -173,15 +174,12 @@ def _ensure_shard(
     expected: dict | None,
     hash_cache: HashCache,
     verify: bool,
-    attempts: int,
-    backoff_s: float,
-    timeout_s: float,
-    cancelled: threading.Event,
-    log: Callable[[str], Any],
+    tries: _Attempts,
 ) -> ShardRecord:
     """Reuse a valid shard already in ``dest_dir`` that matches ``expected`` (its identity at the source), else
     (re-)fetch it."""
-    if cancelled.is_set():
+    log = tries.log
+    if tries.cancelled.is_set():
         raise TransferCancelled()
     final = dest_dir / shard_filename(index)
     replacing_corrupt = False
@@ -203,16 +201,7 @@ def _ensure_shard(
 
     url = shard_url(source, index)
     started = time.monotonic()
-    record = _download(
-        url,
-        index,
-        final,
-        attempts=attempts,
-        backoff_s=backoff_s,
-        timeout_s=timeout_s,
-        cancelled=cancelled,
-        log=log,
-    )
+    record = _download(url, index, final, tries)
     hash_cache.remember(final, record.sha256)
     if expected is not None and "sha256" in expected and record.sha256 != expected["sha256"]:
         final.unlink(missing_ok=True)
@@ -289,7 +278,7 @@ def fetch_shards(
     remove_stale_temp_files(dest, log=log)
     hash_cache = hash_cache or HashCache(None)
 
-    cancelled = threading.Event()
+    tries = _Attempts(attempts, backoff_s, timeout_s, threading.Event(), log)
     records: dict[int, ShardRecord] = {}
     with tqdm(total=len(wanted), desc="shards", unit="shard", disable=not progress) as bar:
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fetch-shard")
@@ -303,11 +292,7 @@ def fetch_shards(
                     expected=(expected or {}).get(index),
                     hash_cache=hash_cache,
                     verify=verify,
-                    attempts=attempts,
-                    backoff_s=backoff_s,
-                    timeout_s=timeout_s,
-                    cancelled=cancelled,
-                    log=log,
+                    tries=tries,
                 ): index
                 for index in wanted
             }
@@ -317,7 +302,7 @@ def fetch_shards(
         except BaseException:
             # Stop the running downloads at their next chunk or backoff and drop queued ones;
             # shutdown() then waits for them so their temp files are gone when we raise.
-            cancelled.set()
+            tries.cancelled.set()
             raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -347,7 +332,7 @@ def shard_identities(
     """
     source = os.fspath(source)
     fetch_dir = Path(fetch_into)
-    cancelled = threading.Event()
+    tries = _Attempts(attempts, backoff_s, timeout_s, threading.Event(), log)
 
     def identify(index: int) -> dict:
         url = shard_url(source, index)
@@ -357,12 +342,11 @@ def shard_identities(
                 raise ShardSourceError(f"shard {index} is not available from {url}: not found; check data.source / "
                                        f"--mirror (the source must hold {shard_filename(index)})")
             return {"size": path.stat().st_size, "sha256": hash_cache.sha256(path, verify)}
-        version = _remote_version_with_retries(url, index, attempts, backoff_s, timeout_s, cancelled, log)
+        version = _remote_version_with_retries(url, index, tries)
         if version is not None:
             return version
         fetch_dir.mkdir(parents=True, exist_ok=True)
-        record = _download(url, index, fetch_dir / shard_filename(index), attempts=attempts, backoff_s=backoff_s,
-                           timeout_s=timeout_s, cancelled=cancelled, log=log)
+        record = _download(url, index, fetch_dir / shard_filename(index), tries)
         hash_cache.remember(Path(record.path), record.sha256)
         log(f"shard {index:05d}: {url} reports no version (ETag, Last-Modified); fetched it to learn its sha256")
         return {"size": record.size, "sha256": record.sha256}
@@ -372,22 +356,21 @@ def shard_identities(
         try:
             identities = dict(zip(wanted, pool.map(identify, wanted)))
         except BaseException:
-            cancelled.set()
+            tries.cancelled.set()
             raise
         finally:
             hash_cache.save()
     return identities
 
 
-def _remote_version_with_retries(url, index, attempts, backoff_s, timeout_s, cancelled, log) -> dict | None:
-    for attempt in range(1, attempts + 1):
+def _remote_version_with_retries(url: str, index: int, tries: _Attempts) -> dict | None:
+    for attempt in range(1, tries.attempts + 1):
         try:
-            return remote_shard_version(url, timeout_s)
+            return remote_shard_version(url, tries.timeout_s)
         except (FileNotFoundError, aiohttp.ClientError, OSError) as exc:
-            if missing_for_good(exc) or not _retry_or_stop(exc, index, attempt, attempts, backoff_s, timeout_s,
-                                                             cancelled, log):
+            if missing_for_good(exc) or not tries.retry_or_stop(exc, index, attempt):
                 raise ShardSourceError(
-                    f"shard {index} is not available from {url}: {_describe(exc.__cause__ or exc, timeout_s)}; "
+                    f"shard {index} is not available from {url}: {_describe(exc.__cause__ or exc, tries.timeout_s)}; "
                     f"check data.source / --mirror (the source must hold {shard_filename(index)})"
                 ) from exc
     return None

@@ -17,10 +17,9 @@ from tasks.cache import StageOutput, run_stage, stage_task
 from tasks.config import SpeedrunConfig
 from tasks.environment import numerics_environment
 from tasks.eval_bundle import BUNDLE_DIR
-from tasks.launch import run_torchrun, torchrun_options, wandb_arguments
-from tasks.progress import TrainingProgress
+from tasks.launch import torchrun_options, wandb_arguments
 from tasks.stages import STAGES, key_section, launch_section
-from tasks.training_artifact import collect_training_run, release_final_checkpoint
+from tasks.training_artifact import option_flags, release_final_checkpoint, run_training
 
 PRETRAIN = STAGES["pretrain"]
 
@@ -45,21 +44,8 @@ def pretrain_options(cfg: SpeedrunConfig) -> dict:
 
 def train_arguments(section: dict, excluded: dict | None = None) -> list[str]:
     """The key section and the excluded options as model.train flags (kebab-case, the reference's names)."""
-    args = []
-    for name, value in {**section, **(excluded or {})}.items():
-        if name in ("environment", "allow_missing_tasks") or value is None:
-            continue
-        flag = "--" + name.replace("_", "-")
-        if name == "device_type":
-            if value != "auto":
-                args.append(f"{flag}={value}")
-        elif isinstance(value, bool):
-            if value:
-                args.append(flag)
-        else:
-            args.append(f"{flag}={value}")
-    args.append(f"--attention={section['environment']['attention']}")
-    return args
+    return option_flags({**section, **(excluded or {})}, skip=("environment", "allow_missing_tasks")) + \
+        [f"--attention={section['environment']['attention']}"]
 
 
 @stage_task(PRETRAIN)
@@ -77,11 +63,8 @@ def pretrain_stage(section: dict, upstream: dict, store: str, options: dict, reb
             args.append(f"--bundle-dir={Path(upstream['eval_bundle']['path']) / BUNDLE_DIR}")
             if section.get("allow_missing_tasks"):
                 args.append("--allow-missing-tasks")
-        with TrainingProgress("pretrain", run_dir / "metrics.jsonl", options["planned_steps"], logger.warning):
-            run_torchrun("model.train", args, log_path=work / "log.txt", log=logger.info, **options["torchrun"])
-        summary = collect_training_run(run_dir, work, art)
-        environment = {"world_size": summary["world_size"], "attention_backend": summary.get("attention_backend"),
-                       "device": summary["device"]}
+        summary, environment = run_training("pretrain", "model.train", args, run_dir, work, art,
+                                            options["planned_steps"], options, logger)
         return StageOutput(metrics=summary, environment=environment, after_commit=release_final_checkpoint)
 
     return run_stage(PRETRAIN, section, upstream, store, rebuild, build)

@@ -21,11 +21,10 @@ from model.tokenizer import META_FILE, RANKS_FILE, TOKEN_BYTES_FILE
 from tasks.cache import StageOutput, run_stage, stage_task
 from tasks.config import SpeedrunConfig
 from tasks.environment import numerics_environment
-from tasks.launch import run_torchrun, torchrun_options, wandb_arguments
-from tasks.progress import TrainingProgress
+from tasks.launch import torchrun_options, wandb_arguments
 from tasks.stages import STAGES, key_section
 from tasks.store import content_digest
-from tasks.training_artifact import collect_training_run, release_final_checkpoint
+from tasks.training_artifact import option_flags, release_final_checkpoint, run_training
 
 SFT = STAGES["sft"]
 TOKENIZER_FILES = (RANKS_FILE, TOKEN_BYTES_FILE, META_FILE)
@@ -54,17 +53,7 @@ def sft_options(cfg: SpeedrunConfig) -> dict:
 
 def sft_arguments(section: dict, options: dict) -> list[str]:
     """The section as model.sft flags (kebab-case, the reference's names)."""
-    args = []
-    for name, value in section.items():
-        if name in ("environment", "data", "sources", "chat_eval_data") or value is None:
-            continue
-        if name == "device_type":
-            if value != "auto":
-                args.append(f"--device-type={value}")
-        elif isinstance(value, bool):
-            args.append(f"--{name.replace('_', '-')}={int(value)}")
-        else:
-            args.append(f"--{name.replace('_', '-')}={value}")
+    args = option_flags(section, skip=("environment", "data", "sources", "chat_eval_data"), switches=False)
     args.append(f"--save-every={options['save_every']}")
     args.append(f"--attention={section['environment']['attention']}")
     if options["data"]:
@@ -87,15 +76,11 @@ def sft_stage(section: dict, upstream: dict, store: str, options: dict, rebuild:
                 f"--run={options['run']}", f"--wandb-mode={options['wandb_mode']}", *wandb_arguments(options["run"], store),
                 *sft_arguments(section, options)]
         planned = section["num_iterations"] if section["num_iterations"] > 0 else None  # else one pass, length unknown
-        with TrainingProgress("sft", run_dir / "metrics.jsonl", planned, logger.warning):
-            run_torchrun("model.sft", args, log_path=work / "log.txt", log=logger.info, **options["torchrun"])
-        summary = collect_training_run(run_dir, work, art)
+        summary, environment = run_training("sft", "model.sft", args, run_dir, work, art, planned, options, logger)
         tokenizer = art / "tokenizer"
         tokenizer.mkdir(exist_ok=True)
         for name in TOKENIZER_FILES:
             shutil.copy2(Path(upstream["tokenizer"]["path"]) / name, tokenizer / name)
-        environment = {"world_size": summary.get("world_size"), "attention_backend": summary.get("attention_backend"),
-                       "device": summary.get("device")}
         return StageOutput(metrics=summary, environment=environment, after_commit=release_final_checkpoint)
 
     return run_stage(SFT, section, upstream, store, rebuild, build)

@@ -1,5 +1,6 @@
-"""What a finished training run leaves in its stage artifact (pretrain and sft): the final checkpoint, the
-summary, the metrics and the log. Part of those stages' keys (tasks/stages.py): it decides the artifact's files.
+"""What the pretrain and sft stages share: the trainer's flags, its run under torchrun, and what the finished run
+leaves in the stage artifact (the final checkpoint, the summary, the metrics and the log). Part of those
+stages' keys (tasks/stages.py): it decides the flags the trainer gets and the artifact's files.
 """
 
 from __future__ import annotations
@@ -10,7 +11,37 @@ import shutil
 import uuid
 from pathlib import Path
 
+from tasks.launch import run_torchrun
+from tasks.progress import TrainingProgress
 from tasks.store import WORK
+
+
+def option_flags(options: dict, skip: tuple[str, ...] = (), switches: bool = True) -> list[str]:
+    """Key-section options as the trainer's flags (`--name-with-dashes=value`, the reference's names). None and the
+    names in `skip` are left out, and `device_type` "auto" too (the trainer detects it). Booleans are bare switches
+    (`switches`, model.train's store_true flags) or `=0`/`=1` (model.sft)."""
+    flags = []
+    for name, value in options.items():
+        if name in skip or value is None or (name == "device_type" and value == "auto"):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool) and switches:
+            flags += [flag] if value else []
+        else:
+            flags.append(f"{flag}={int(value) if isinstance(value, bool) else value}")
+    return flags
+
+
+def run_training(stage: str, module: str, args: list[str], run_dir: Path, work: Path, art: Path,
+                 planned_steps: int | None, options: dict, logger) -> tuple[dict, dict]:
+    """Run a trainer entry point under torchrun into `run_dir` (a retry resumes there), with the stage's progress
+    artifact read from its metrics.jsonl, then collect the finished run into the artifact. Returns its summary and
+    the environment it ran in (world size, attention backend, device) for the manifest."""
+    with TrainingProgress(stage, run_dir / "metrics.jsonl", planned_steps, logger.warning):
+        run_torchrun(module, args, log_path=work / "log.txt", log=logger.info, **options["torchrun"])
+    summary = collect_training_run(run_dir, work, art)
+    environment = {key: summary.get(key) for key in ("world_size", "attention_backend", "device")}
+    return summary, environment
 
 
 def collect_training_run(run_dir: Path, work: Path, art: Path) -> dict:
