@@ -13,11 +13,12 @@ Pure Python: no torch, no prefect.
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import yaml
+
+from model.files import JsonlError, jsonl_rows
 
 CORE_YAML = "core.yaml"
 META_CSV = "eval_meta_data.csv"
@@ -274,17 +275,14 @@ def load_task_data(task: CoreTask) -> list[dict]:
     except (OSError, UnicodeDecodeError) as e:
         raise BundleError(f"cannot read data file {task.path} of task '{task.label}': {e}; {fix}") from e
     rows = []
-    for line_number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise BundleError(f"{task.path}:{line_number}: invalid JSON ({e.msg}); {fix}") from None
-        problem = _row_problem(task.task_type, row)
-        if problem:
-            raise BundleError(f"{task.path}:{line_number}: bad row for task '{task.label}': {problem}; {fix}")
-        rows.append(row)
+    try:
+        for line_number, row in jsonl_rows(text.splitlines()):
+            problem = _row_problem(task.task_type, row)
+            if problem:
+                raise BundleError(f"{task.path}:{line_number}: bad row for task '{task.label}': {problem}; {fix}")
+            rows.append(row)
+    except JsonlError as e:
+        raise BundleError(f"{task.path}:{e.line_number}: invalid JSON ({e.msg}); {fix}") from None
     if not rows:
         raise BundleError(f"data file {task.path} of task '{task.label}' has no rows; {fix}")
     return rows

@@ -10,7 +10,6 @@ model/chat_data.py, the loading and the shuffles in model/chat_datasets.py.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -20,6 +19,7 @@ import numpy as np
 from model.chat_data import GSM8K, MMLU, Task, TaskMixture
 from model.chat_datasets import ShuffledRows, held_out_order, load_local_file, load_rows
 from model.chat_render import ConversationError, check_conversation
+from model.files import JsonlError, jsonl_rows
 
 def check_training_conversation(conversation: dict, where: str) -> None:
     """A training conversation: valid chat format with at least one assistant reply."""
@@ -94,16 +94,13 @@ def _messages_column(rows) -> Iterator:
 def _parse_jsonl_strict(path: Path) -> list[dict]:
     rows = []
     with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConversationError(f"{path.name}:{n}: not valid JSON ({e.msg}); {path}") from None
-            if not isinstance(row, dict):
-                raise ConversationError(f"{path.name}:{n}: a row must be a JSON object with a 'messages' list")
-            rows.append(row)
+        try:
+            for n, row in jsonl_rows(f):
+                if not isinstance(row, dict):
+                    raise ConversationError(f"{path.name}:{n}: a row must be a JSON object with a 'messages' list")
+                rows.append(row)
+        except JsonlError as e:
+            raise ConversationError(f"{path.name}:{e.line_number}: not valid JSON ({e.msg}); {path}") from None
     return rows
 
 

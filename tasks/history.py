@@ -22,6 +22,7 @@ import os
 import time
 from pathlib import Path
 
+from model.files import jsonl_rows
 from tasks.plots import save_png, two_panels
 
 HISTORY_FIELDS = ("commit", "date", "preset", "hardware", "world_size", "total_training_time", "min_val_bpb",
@@ -60,13 +61,7 @@ def read_history(store_root: str | Path, preset: str) -> list[dict]:
         lines = history_path(store_root, preset).read_text().splitlines()
     except FileNotFoundError:
         return []
-    entries = []
-    for line in lines:
-        try:
-            entries.append(json.loads(line))
-        except ValueError:
-            continue  # a line torn by a crash mid-write: skipped, the rest stands
-    return entries
+    return [entry for _, entry in jsonl_rows(lines, skip_invalid=True)]  # a line torn by a crash mid-write: skipped
 
 
 def is_repeat(history: list[dict], entry: dict) -> bool:

@@ -9,10 +9,11 @@ effort: an API hiccup is logged once and never fails the training.
 from __future__ import annotations
 
 import contextvars
-import json
 import math
 import threading
 from pathlib import Path
+
+from model.files import jsonl_rows
 
 PROGRESS_EVERY_S = 120.0
 
@@ -25,11 +26,7 @@ def read_progress(metrics: Path) -> dict:
     except FileNotFoundError:
         return state
     recent_dt = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # a line being written
+    for _, record in jsonl_rows(lines, skip_invalid=True):  # the last line may be being written
         if "train/loss" in record:
             state["train"] = record
             state["steps_done"] = record["step"] + 1

@@ -46,7 +46,7 @@ from pathlib import Path
 
 from prefect.logging import get_run_logger
 
-from model.files import atomic_write_bytes
+from model.files import atomic_write_bytes, jsonl_rows
 from tasks.cache import StageOutput, run_stage, stage_task
 from tasks.config import ConfigError, SpeedrunConfig, build_config, load_config
 from tasks.environment import package_version
@@ -192,7 +192,7 @@ def launch_commands(cfg: SpeedrunConfig) -> dict:
 def read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [record for _, record in jsonl_rows(path.read_text().splitlines())]
 
 
 def read_json(path: Path) -> dict:

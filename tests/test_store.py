@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from model.files import atomic_write, atomic_write_bytes
+from model.files import JsonlError, atomic_write, atomic_write_bytes, jsonl_rows
 from tasks.store import (
     MANIFEST,
     LeaseLock,
@@ -233,6 +233,14 @@ def test_atomic_write_json_replaces(tmp_path):
     atomic_write_json(p, {"c": "é"})
     assert json.loads(p.read_text()) == {"c": "é"}
     assert [x.name for x in tmp_path.iterdir()] == ["m.json"]
+
+
+def test_jsonl_rows_name_the_bad_line_or_skip_a_torn_one():
+    lines = ['{"step": 0}', "", "  ", '{"step": 1, "val/bpb": 1.5}', '{"step": 2, "tra']  # the last one torn
+    assert list(jsonl_rows(lines, skip_invalid=True)) == [(1, {"step": 0}), (4, {"step": 1, "val/bpb": 1.5})]
+    with pytest.raises(JsonlError) as caught:
+        list(jsonl_rows(lines))
+    assert caught.value.line_number == 5 and "line 5: invalid JSON" in str(caught.value)
 
 
 def test_atomic_write_failure_leaves_no_temp(tmp_path):
