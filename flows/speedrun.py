@@ -122,22 +122,25 @@ class StageRunner:
 
 
 def run_name() -> str:
-    """The flow run's name: `<preset>-<short commit>-<date>`, so a list of nightly runs says what each tested.
+    """The flow run's name: `<preset>[-<label>]-<short commit>-<date>`, so a list of nightly runs says what each
+    tested (a sweep's cells carry their cell as the label).
 
     Prefect names the run again at every attempt; a Retry keeps the name its first attempt got (the wandb
     group of its stages, and what the team saw in the alert)."""
     preset = flow_run.parameters.get("preset", "smoke")
-    if re.fullmatch(rf"{re.escape(preset)}-[0-9a-z]+(-dirty)?-\d{{8}}-\d{{4}}", flow_run.name or ""):
+    label = flow_run.parameters.get("label")
+    prefix = f"{preset}-{label}" if label else preset
+    if re.fullmatch(rf"{re.escape(prefix)}-[0-9a-z]+(-dirty)?-\d{{8}}-\d{{4}}", flow_run.name or ""):
         return flow_run.name
     commit = git_commit()
     short = (commit["short"] or "nogit") + ("-dirty" if commit["dirty"] else "")
-    return f"{preset}-{short}-{time.strftime('%Y%m%d-%H%M', time.gmtime())}"
+    return f"{prefix}-{short}-{time.strftime('%Y%m%d-%H%M', time.gmtime())}"
 
 
 @flow(name="speedrun", log_prints=True, flow_run_name=run_name)
 def speedrun(preset: str = "smoke", overrides: dict | None = None, refresh: list[str] | None = None,
              mirror: str | None = None, store: str | None = None, until: str | None = None,
-             verify: bool = False) -> dict:
+             verify: bool = False, summary_path: str | None = None, label: str | None = None) -> dict:
     cfg = validate_config(preset, overrides, mirror=mirror, store=store)  # no I/O: a bad option fails at once
     check_until(until)
     cfg = resolve_config(cfg)  # the mirror, the source's shards, local paths: still before any stage runs
@@ -185,9 +188,11 @@ def speedrun(preset: str = "smoke", overrides: dict | None = None, refresh: list
     if report:
         summary.update(report=str(Path(report["path"]) / "report.md"),
                        submission=str(Path(report["path"]) / "submission.md"), commit=report["metrics"].get("commit"))
+    data = {"flow_run": str(flow_run.id), "stages": run.stages, "summary": summary}
+    if summary_path:  # where a sweep (flows/sweep.py) reads a cell's outcome, wherever the cell ran
+        atomic_write_json(Path(summary_path), data)
     # The Completed state's message is the verdict line: the UI's run list and the success alert show it.
-    return Completed(message=finished_line(cfg, report, run), data={"flow_run": str(flow_run.id),
-                                                                    "stages": run.stages, "summary": summary})
+    return Completed(message=finished_line(cfg, report, run), data=data)
 
 
 def finished_line(cfg: SpeedrunConfig, report: dict | None, run: StageRunner) -> str:

@@ -43,7 +43,8 @@ from tasks.store import WORK
 REPO_ROOT = Path(__file__).resolve().parents[1]
 POOL = "speedrun"
 STAGES = ["shards", "tokenizer", "eval_bundle", "pretrain", "base_eval", "sft", "chat_eval", "report"]
-DEPLOYMENTS = {"smoke", "cpu", "d12", "d20", "d24", "d26", "nightly"}
+DEPLOYMENTS = {"smoke", "cpu", "d12", "d20", "d24", "d26", "nightly", "sweep-cell"}
+SWEEPS = {"miniseries", "scaling-laws", "miniseries-smoke", "scaling-laws-smoke"}  # pool speedrun-sweeps
 CORE_TASKS = ("copa", "piqa", "winograd")  # 0-shot and 10-shot, cheap
 SHRINK = {
     "pretrain.num_iterations": 10, "pretrain.eval_every": 5, "pretrain.save_every": 5,
@@ -291,6 +292,7 @@ def test_nightly_of_the_branch_head_fail_retry_cached_cancel_resume_trend_and_al
         wait_healthy(api, server, server_log)
         prefect("work-pool", "create", POOL, "--type", "process", env=env, cwd=repo)
         prefect("work-pool", "set-concurrency-limit", POOL, "1", env=env, cwd=repo)
+        prefect("work-pool", "create", "speedrun-sweeps", "--type", "process", env=env, cwd=repo)
         prefect("deploy", "--all", env=env, cwd=repo)
         hook = Webhook()
         subprocess.run([sys.executable, "-m", "deployments.automations.nightly_alert", "--webhook-url", hook.url],
@@ -298,8 +300,8 @@ def test_nightly_of_the_branch_head_fail_retry_cached_cancel_resume_trend_and_al
 
         with get_client(sync_client=True) as client:
             deployments = {d.name: d for d in client.read_deployments()}
-            assert set(deployments) == DEPLOYMENTS
-            assert all(d.work_pool_name == POOL for d in deployments.values())
+            assert set(deployments) == DEPLOYMENTS | SWEEPS
+            assert {d.name for d in deployments.values() if d.work_pool_name == POOL} == DEPLOYMENTS
             assert {d.version for d in deployments.values()} == {git("rev-parse", "--short=8", "HEAD", cwd=repo)}
             assert deployments["d26"].parameters == {"preset": "d26"}
             assert deployments["smoke"].pull_steps == [{"prefect.deployments.steps.set_working_directory": {
