@@ -95,6 +95,7 @@ def run_sweep(kind: str, preset: str, cells: list[Cell], overrides: dict | None,
         results[name] = result
         logger.info(f"cell {name}: {result['state']}" + (f": {result['error']}" if result["error"] else ""))
 
+    results = {cell.name: results[cell.name] for cell in cells if cell.name in results}  # the sweep's order
     written = write_results(kind, preset, out_dir, rows, results)
     publish_sweep(kind, preset, out_dir, written)
     data = {"cells": results, "results_csv": written["results_csv"], "report": written["report_md"],
