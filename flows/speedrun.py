@@ -214,15 +214,20 @@ def check_until(until: str | None) -> None:
         raise ConfigError([f"until: unknown stage {until!r}; fix: use one of {', '.join(STAGES)}"])
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.speedrun", description=__doc__.split("\n")[0])
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """--preset, --set, --mirror and --store: what a run's config is made of (this CLI's and the sweeps')."""
     parser.add_argument("--preset", default="smoke", help="deployments/presets/<name>.yaml")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one option, e.g. --set pretrain.depth=12 (repeatable)")
-    parser.add_argument("--refresh", action="append", default=[], metavar="STAGE|all",
-                        help="re-execute this stage and everything downstream (repeatable, or comma list)")
     parser.add_argument("--mirror", help="local directory laid out like shared/data to read every input from")
     parser.add_argument("--store", help="artifact store root (default $SPEEDRUN_HOME or ~/.cache/speedrun)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.speedrun", description=__doc__.split("\n")[0])
+    add_config_arguments(parser)
+    parser.add_argument("--refresh", action="append", default=[], metavar="STAGE|all",
+                        help="re-execute this stage and everything downstream (repeatable, or comma list)")
     parser.add_argument("--until", metavar="STAGE", help="stop after this stage (e.g. pretrain)")
     parser.add_argument("--summary-json", type=Path, help="write stage states and the run summary here")
     parser.add_argument("--verify", action="store_true",

@@ -27,7 +27,7 @@ from pathlib import Path
 from prefect import get_run_logger
 from prefect.runtime import flow_run
 
-from flows.speedrun import speedrun
+from flows.speedrun import add_config_arguments, speedrun
 from tasks.config import ConfigError, parse_set, validate_config
 from tasks.publish import artifact_key
 from tasks.store import atomic_write_json, read_manifest
@@ -195,13 +195,9 @@ def depth_batches(items: list[str]) -> dict[int, int]:
 
 def sweep_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=description)
-    p.add_argument("--preset", default="smoke", help="the speedrun preset every cell starts from")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one option for every cell (repeatable)")
+    add_config_arguments(p)  # the preset every cell starts from; --set applies to every cell
     p.add_argument("--device-batch", action="append", default=[], metavar="DEPTH=BATCH",
                    help="device batch size for one depth (default: the reference's rule, see tasks/sweep.py)")
-    p.add_argument("--mirror", help="local directory laid out like shared/data to read every input from")
-    p.add_argument("--store", help="artifact store root (default $SPEEDRUN_HOME or ~/.cache/speedrun)")
     p.add_argument("--cells", choices=("local", "pool"), default="local",
                    help="run the cells here one by one, or as deployment runs spread over the work pool")
     p.add_argument("--cell-deployment", default=CELL_DEPLOYMENT, help="the deployment a pool cell runs as")
