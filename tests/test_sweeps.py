@@ -45,8 +45,14 @@ def states(summary: dict) -> dict[str, str]:
 
 
 def ran_on(logs: dict[str, Path], flow_run: str) -> set[str]:
-    """The workers that ran the flow run (a worker logs every run it submits)."""
-    return {name for name, log in logs.items() if f"submitting flow run '{flow_run}'" in log.read_text()}
+    """The workers that ran the flow run. A worker logs every run it submits; when two workers pick up the same
+    run, the server aborts one of the submissions and that worker logs so."""
+    ran = set()
+    for name, log in logs.items():
+        text = log.read_text()
+        if f"submitting flow run '{flow_run}'" in text and f"Aborted submission of flow run '{flow_run}'" not in text:
+            ran.add(name)
+    return ran
 
 
 def check_rows(summary: dict, rows: list[dict]) -> None:
