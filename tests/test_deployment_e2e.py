@@ -278,7 +278,10 @@ def test_nightly_of_the_branch_head_fail_retry_cached_cancel_resume_trend_and_al
                PREFECT_SERVER_ANALYTICS_ENABLED="false", WANDB_MODE="offline")
     env.pop("PYTHONPATH", None)  # the worker imports what it runs from its working directory, as a real one does
     # The nightly cron must not start d24 runs here; its schedule is checked through the API instead.
-    server_env = {**env, "PREFECT_API_SERVICES_SCHEDULER_ENABLED": "false"}
+    # The event persister (the events table: the UI's event feed) is off: nothing here reads it back, and on SQLite
+    # its writes race the trigger service's, which can drop an alert (deployments/automations/README.md).
+    server_env = {**env, "PREFECT_API_SERVICES_SCHEDULER_ENABLED": "false",
+                  "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED": "false"}
     nightly_dir = tmp_path / "nightly"
     nightly_dir.mkdir()
     worker_env = {**env, "SPEEDRUN_PROJECT_DIR": str(repo), "SPEEDRUN_HOME": str(store),

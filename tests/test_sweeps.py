@@ -102,7 +102,10 @@ def test_sweeps_spread_over_two_workers_cached_grow_and_fail_one_cell(shared_dat
     server_log = tmp_path / "server.log"
     logs = {name: tmp_path / f"{name}.log" for name in ("node-a", "node-b")}
     with background(["server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui", "--analytics-off"],
-                    {**env, "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false"}, repo, server_log,
+                    # no scheduler; no event persister: nothing here reads the events table, and on SQLite its
+                    # writes race the state writes of four concurrent runs ("database is locked")
+                    {**env, "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
+                     "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED": "false"}, repo, server_log,
                     signal.SIGTERM) as server, temporary_settings({PREFECT_API_URL: api}):
         wait_healthy(api, server, server_log)
         prefect("work-pool", "create", "speedrun", "--type", "process", env=env, cwd=repo)
