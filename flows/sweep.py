@@ -18,7 +18,6 @@ the fix finds every other cell Cached.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import sys
 import time
@@ -29,7 +28,7 @@ from prefect.runtime import flow_run
 
 from flows.speedrun import add_config_arguments, speedrun
 from tasks.config import ConfigError, parse_set, validate_config
-from tasks.publish import artifact_key
+from tasks.publish import artifact_key, inline_images
 from tasks.store import atomic_write_json, read_manifest
 from tasks.sweep import Cell, cell_row, cell_state, resolve_cells, sweep_id, write_results
 
@@ -161,11 +160,7 @@ def publish_sweep(kind: str, preset: str, out_dir: Path, written: dict) -> None:
     """report.md (plots inline: a relative link shows broken in the UI) and the results table as artifacts."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    markdown = written["report"]
-    for plot in written["plots"]:
-        name = Path(plot).name
-        png = base64.b64encode(Path(plot).read_bytes()).decode()
-        markdown = markdown.replace(f"]({name})", f"](data:image/png;base64,{png})")
+    markdown = inline_images(written["report"], [Path(plot) for plot in written["plots"]])
     create_markdown_artifact(key=artifact_key(preset, f"{kind}-report"), markdown=markdown,
                              description=f"{kind} sweep of {preset}: {out_dir}")
     if written["rows"]:

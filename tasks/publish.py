@@ -18,16 +18,22 @@ def artifact_key(preset: str, what: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", f"speedrun-{preset}-{what}".lower())
 
 
+def inline_images(markdown: str, images: list[Path]) -> str:
+    """Markdown whose links to these PNGs (by file name) carry the image itself: a relative link shows broken in
+    the UI's artifact page."""
+    for image in images:
+        if image.exists():
+            png = base64.b64encode(image.read_bytes()).decode()
+            markdown = markdown.replace(f"]({image.name})", f"](data:image/png;base64,{png})")
+    return markdown
+
+
 def publish(result: dict, preset: str, out: Path | None = None, deployment: str | None = None) -> None:
     """The report, CORE, chat-eval and trend artifacts; the trend is keyed by the deployment where there is one
     (speedrun/nightly's trend is the nightly's, not mixed with manual runs of the same preset)."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    markdown = result["report"]
-    for image in ("val_bpb.png", "trend.png"):  # inline: a relative link shows broken in the UI
-        if out is not None and (out / image).exists():
-            png = base64.b64encode((out / image).read_bytes()).decode()
-            markdown = markdown.replace(f"]({image})", f"](data:image/png;base64,{png})")
+    markdown = inline_images(result["report"], [out / name for name in ("val_bpb.png", "trend.png")] if out else [])
     create_markdown_artifact(key=artifact_key(preset, "report"), markdown=markdown,
                              description=f"speedrun report ({preset})")
     if result["core_rows"]:
