@@ -29,6 +29,7 @@ from tasks.chat_eval import chat_eval_options, chat_eval_section, chat_eval_stag
 from tasks.config import ConfigError, SpeedrunConfig, parse_set, resolve_config, validate_config
 from tasks.eval_bundle import eval_bundle_options, eval_bundle_section, eval_bundle_stage
 from tasks.launch import attention_backend
+from tasks.nodes import check_multinode
 from tasks.pretrain import pretrain_options, pretrain_section, pretrain_stage
 from tasks.report import report_options, report_section, report_stage
 from tasks.sft import sft_options, sft_section, sft_stage
@@ -145,6 +146,7 @@ def speedrun(preset: str = "smoke", overrides: dict | None = None, refresh: list
     check_until(until)
     cfg = resolve_config(cfg)  # the mirror, the source's shards, local paths: still before any stage runs
     attention = attention_backend(cfg.runtime, cfg.pretrain.device_type)  # a backend this node lacks fails now
+    check_multinode(cfg.runtime)  # several nodes: the server and the node deployment are there, or fail now
     report_config = report_section(cfg)  # a missing regression baseline fails now, not after training
     logger = get_run_logger()
     resume = None
@@ -240,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resolve_config(validate_config(args.preset, overrides, mirror=args.mirror, store=args.store))
         report_section(cfg)
         attention_backend(cfg.runtime, cfg.pretrain.device_type)
+        check_multinode(cfg.runtime)
         stages_to_refresh(args.refresh)
         check_until(args.until)
     except ConfigError as e:

@@ -103,8 +103,8 @@ class TrainingRun:
         elif mode == "auto":
             resume = ckpt.load_resume_point(self.ckpt_dir, self.rank, self.world, self.device, self.say)
         self._set_counters(resume)
-        if resume is not None:
-            self.say(f"resuming from step {resume.step} ({self.ckpt_dir})")
+        if resume is not None and self.local_rank == 0:  # once per node: every node of a multi-node run says so
+            print(f"resuming from step {resume.step} ({self.ckpt_dir})" + ("" if self.master else f" [rank {self.rank}]"))
         return resume
 
     def restore(self, resume: ckpt.ResumePoint | None, optimizer) -> tuple[dict | None, tuple | None]:

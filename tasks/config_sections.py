@@ -256,9 +256,16 @@ class RuntimeConfig(Section):
     mirror: str | None = Field(None, description="local directory laid out like shared/data (pretrain/, eval_bundle/, sft/, chat_eval/)")
     device_type: Literal["", "cuda", "cpu", "mps"] = Field("", description="'' = autodetect (cuda > mps > cpu)")
     nproc_per_node: int = Field(1, ge=1, le=64, description="torchrun processes per node")
-    nnodes: int = Field(1, ge=1, description="torchrun nodes")
-    node_rank: int = Field(0, ge=0)
-    rdzv_endpoint: str | None = Field(None, description="host:port for multi-node rendezvous")
+    nnodes: int = Field(1, ge=1, description="nodes one training run spans (README: Multi-node): the flow runs on "
+                        "node 0 and starts the others' ranks through the work pool")
+    rdzv_endpoint: str | None = Field(None, description="host[:port] of node 0 (where the flow runs) that the other "
+                                      "nodes reach for the c10d rendezvous; None = node 0's hostname; no port = a "
+                                      "free one picked at each launch")
+    node_queues: list[str] | None = Field(None, description="the work queue of each node's worker (pool "
+                                          "`speedrun`), node 0 first; None = node-0 .. node-<nnodes-1>")
+    node_deployment: str = Field("speedrun/torchrun-node", description="the deployment that runs one node's torchrun")
+    rdzv_timeout_s: float = Field(300.0, gt=0, description="how long nodes wait for each other: to start (probe of "
+                                  "the shared store), at the rendezvous, and to finish after node 0")
     omp_num_threads: int | None = Field(None, ge=1, description="OMP_NUM_THREADS for torchrun workers; default 1 on GPU")
     wandb_mode: Literal["offline", "online", "disabled"] = Field("offline")
     flow_timeout_s: float | None = Field(None, gt=0, description="time limit of a whole flow run; past it the "
@@ -274,13 +281,16 @@ class RuntimeConfig(Section):
 
     @model_validator(mode="after")
     def _multinode(self) -> "RuntimeConfig":
-        if self.node_rank >= self.nnodes:
-            raise ValueError(f"runtime.node_rank={self.node_rank} must be < runtime.nnodes={self.nnodes}; "
-                             f"fix: --set runtime.node_rank=<0..{self.nnodes - 1}>")
-        if self.nnodes > 1 and not self.rdzv_endpoint:
-            raise ValueError(f"runtime.nnodes={self.nnodes} needs a rendezvous address; "
-                             "fix: --set runtime.rdzv_endpoint=<host:port of node 0>")
+        queues = self.work_queues
+        if len(queues) < self.nnodes or len(set(queues)) != len(queues):
+            raise ValueError(f"runtime.node_queues={queues} must name {self.nnodes} different work queues, one per "
+                             f"node (runtime.nnodes={self.nnodes}); fix: --set runtime.node_queues=[node-0,node-1,...]")
         return self
+
+    @property
+    def work_queues(self) -> list[str]:
+        """Each node's work queue, node 0's first (tasks/nodes.py starts node i's ranks on queue i)."""
+        return list(self.node_queues) if self.node_queues is not None else [f"node-{i}" for i in range(self.nnodes)]
 
     @property
     def world_size(self) -> int:

@@ -1,7 +1,7 @@
 """Run a `model/` entry point under torchrun as a child of a Prefect task.
 
-`python -m torch.distributed.run --standalone --nproc_per_node=N -m model.train ...` (multi-node:
---nnodes/--node-rank/--rdzv-endpoint) starts in its own process group with OMP_NUM_THREADS set. Every
+`python -m torch.distributed.run --standalone --nproc_per_node=N -m model.train ...` (one node of a multi-node
+run, tasks/nodes.py: --nnodes/--node-rank/--rdzv-endpoint) starts in its own process group with OMP_NUM_THREADS set. Every
 output line goes to the Prefect run logger and to a log file. A non-zero exit raises with the last lines
 of the log.
 
@@ -25,6 +25,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
+from typing import Callable
 
 from tasks.config import ConfigError
 from tasks.store import PROJECT_ROOT
@@ -55,13 +56,14 @@ class TorchrunHung(TorchrunError):
 
 
 def torchrun_command(module: str, args: list[str], *, nproc_per_node: int, nnodes: int = 1, node_rank: int = 0,
-                     rdzv_endpoint: str | None = None) -> list[str]:
+                     rdzv_endpoint: str | None = None, rdzv_conf: str | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run"]
     if nnodes == 1:
         cmd += ["--standalone", f"--nproc_per_node={nproc_per_node}"]
     else:
         cmd += [f"--nnodes={nnodes}", f"--node-rank={node_rank}", f"--nproc_per_node={nproc_per_node}",
                 "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}"]
+        cmd += [f"--rdzv-conf={rdzv_conf}"] if rdzv_conf else []
     # "--" ends torchrun's own options: without it, argparse would read e.g. --run=x as its --run-path
     return cmd + ["-m", module, "--", *args]
 
@@ -96,24 +98,27 @@ def wandb_arguments(run: str, store: str | Path) -> list[str]:
 
 
 def torchrun_options(cfg) -> dict:
-    """How a stage's torchrun is laid out and watched, from the config's `runtime` section (run_torchrun's
-    keywords)."""
+    """How a stage's torchrun is laid out on its node and watched, from the config's `runtime` section
+    (run_torchrun's keywords). The training stages add tasks.nodes.node_options for runs over several nodes;
+    the evaluations run on node 0 alone."""
     runtime = cfg.runtime
-    return {"nproc_per_node": runtime.nproc_per_node, "nnodes": runtime.nnodes, "node_rank": runtime.node_rank,
-            "rdzv_endpoint": runtime.rdzv_endpoint, "omp_num_threads": runtime.omp_num_threads,
+    return {"nproc_per_node": runtime.nproc_per_node, "omp_num_threads": runtime.omp_num_threads,
             "hang_timeout_s": runtime.hang_timeout_s, "time_limit_s": cfg.stage_time_limit_s}
 
 
 def run_torchrun(module: str, args: list[str], *, log_path: Path, log=print, nproc_per_node: int = 1,
-                 nnodes: int = 1, node_rank: int = 0, rdzv_endpoint: str | None = None,
+                 nnodes: int = 1, node_rank: int = 0, rdzv_endpoint: str | None = None, rdzv_conf: str | None = None,
                  omp_num_threads: int | None = None, env: dict | None = None, hang_timeout_s: float | None = None,
-                 time_limit_s: float | None = None, flow_deadline: dict | None = None) -> None:
+                 time_limit_s: float | None = None, flow_deadline: dict | None = None,
+                 watch: Callable[[], str | None] | None = None) -> None:
     """Run `module` under torchrun; raise TorchrunError (or TorchrunCancelled / TorchrunHung) if it fails.
 
     `hang_timeout_s`: stop it when it prints nothing for that long; `time_limit_s`: when it runs longer;
-    `flow_deadline` ({"at": epoch seconds, "limit_s": the flow's limit}): when the flow run's time is up."""
+    `flow_deadline` ({"at": epoch seconds, "limit_s": the flow's limit}): when the flow run's time is up;
+    `watch`: called about once a second, stop it (and raise TorchrunError with the reason) when that returns a
+    reason (the other nodes of a multi-node run, tasks/nodes.py)."""
     cmd = torchrun_command(module, args, nproc_per_node=nproc_per_node, nnodes=nnodes, node_rank=node_rank,
-                           rdzv_endpoint=rdzv_endpoint)
+                           rdzv_endpoint=rdzv_endpoint, rdzv_conf=rdzv_conf)
     child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     # torchrun itself defaults OMP_NUM_THREADS to 1 for several workers; on a CPU box that starves them.
     child_env["OMP_NUM_THREADS"] = str(omp_num_threads or max(1, (os.cpu_count() or 1) // nproc_per_node))
@@ -144,7 +149,7 @@ def run_torchrun(module: str, args: list[str], *, log_path: Path, log=print, npr
 
         reader = threading.Thread(target=forward_output, name="torchrun-output", daemon=True)
         reader.start()
-        started, hung = time.monotonic(), None
+        started, hung, stopped = time.monotonic(), None, None
         try:
             while (returncode := _wait(proc, 1.0)) is None:
                 now = time.monotonic()
@@ -159,9 +164,14 @@ def run_torchrun(module: str, args: list[str], *, log_path: Path, log=print, npr
                 if hung:
                     log(f"stopping {module}: it {hung}")
                     break
+                if watch is not None and (stopped := watch()):
+                    log(f"stopping {module}: {stopped}")
+                    break
         finally:
             kill_process_group(proc)  # also reaps workers a crashed torchrun agent left behind
             reader.join(timeout=10)
+    if stopped:
+        raise TorchrunError(f"{stopped}; {module} here was stopped. Last lines of {log_path}:\n" + "".join(tail))
     if hung:
         raise TorchrunHung(f"{module} {hung}; it was stopped. Last lines of {log_path}:\n" + "".join(tail))
     if returncode != 0:

@@ -18,6 +18,7 @@ from tasks.config import SpeedrunConfig
 from tasks.environment import numerics_environment
 from tasks.eval_bundle import BUNDLE_DIR
 from tasks.launch import torchrun_options, wandb_arguments
+from tasks.nodes import node_options
 from tasks.stages import STAGES, key_section, launch_section
 from tasks.training_artifact import option_flags, release_final_checkpoint, run_training
 
@@ -38,8 +39,8 @@ def pretrain_options(cfg: SpeedrunConfig) -> dict:
     """Not in the key: the launch layout, the logging, and the options the key rule leaves out (stages.py)."""
     excluded = launch_section(PRETRAIN, cfg.pretrain)
     excluded["run"] = cfg.pretrain.run if cfg.pretrain.run != "dummy" else f"{cfg.preset}-pretrain"
-    return {"torchrun": torchrun_options(cfg), "wandb_mode": cfg.runtime.wandb_mode, "excluded": excluded,
-            "planned_steps": cfg.plan.num_iterations}
+    return {"torchrun": torchrun_options(cfg), "nodes": node_options(cfg), "wandb_mode": cfg.runtime.wandb_mode,
+            "excluded": excluded, "planned_steps": cfg.plan.num_iterations}
 
 
 def train_arguments(section: dict, excluded: dict | None = None) -> list[str]:

@@ -22,6 +22,7 @@ from tasks.cache import StageOutput, run_stage, stage_task
 from tasks.config import SpeedrunConfig
 from tasks.environment import numerics_environment
 from tasks.launch import torchrun_options, wandb_arguments
+from tasks.nodes import node_options
 from tasks.stages import STAGES, key_section
 from tasks.store import content_digest
 from tasks.training_artifact import option_flags, release_final_checkpoint, run_training
@@ -45,7 +46,7 @@ def sft_section(cfg: SpeedrunConfig) -> dict:
 
 
 def sft_options(cfg: SpeedrunConfig) -> dict:
-    return {"torchrun": torchrun_options(cfg), "wandb_mode": cfg.runtime.wandb_mode,
+    return {"torchrun": torchrun_options(cfg), "nodes": node_options(cfg), "wandb_mode": cfg.runtime.wandb_mode,
             "run": f"{cfg.preset}-sft", "data": list(cfg.sft.data or []),
             "sources": dict(cfg.sft.sources), "save_every": cfg.sft.save_every,
             "chat_eval_dir": cfg.chat_eval.data_dir}

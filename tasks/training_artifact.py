@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 from tasks.launch import run_torchrun
+from tasks.nodes import run_multinode
 from tasks.progress import TrainingProgress
 from tasks.store import WORK
 
@@ -34,11 +35,16 @@ def option_flags(options: dict, skip: tuple[str, ...] = (), switches: bool = Tru
 
 def run_training(stage: str, module: str, args: list[str], run_dir: Path, work: Path, art: Path,
                  planned_steps: int | None, options: dict, logger) -> tuple[dict, dict]:
-    """Run a trainer entry point under torchrun into `run_dir` (a retry resumes there), with the stage's progress
-    artifact read from its metrics.jsonl, then collect the finished run into the artifact. Returns its summary and
-    the environment it ran in (world size, attention backend, device) for the manifest."""
+    """Run a trainer entry point under torchrun into `run_dir` (a retry resumes there), on one node or, with
+    options["nodes"], on several (tasks/nodes.py), with the stage's progress artifact read from its metrics.jsonl,
+    then collect the finished run into the artifact. Returns its summary and the environment it ran in (world
+    size, attention backend, device) for the manifest."""
     with TrainingProgress(stage, run_dir / "metrics.jsonl", planned_steps, logger.warning):
-        run_torchrun(module, args, log_path=work / "log.txt", log=logger.info, **options["torchrun"])
+        if options.get("nodes"):  # runtime.nnodes > 1: this is node 0, the pool runs the others
+            run_multinode(stage, module, args, work=work, log_path=work / "log.txt", nodes=options["nodes"],
+                          torchrun=options["torchrun"], log=logger.info)
+        else:
+            run_torchrun(module, args, log_path=work / "log.txt", log=logger.info, **options["torchrun"])
     summary = collect_training_run(run_dir, work, art)
     environment = {key: summary.get(key) for key in ("world_size", "attention_backend", "device")}
     return summary, environment

@@ -393,8 +393,7 @@ INVALID = [
     ("nproc-0", "smoke", {S: ["runtime.nproc_per_node=0"]}, "runtime.nproc_per_node"),
     ("wandb-sometimes", "smoke", {S: ["runtime.wandb_mode=sometimes"]}, "runtime.wandb_mode"),
     ("device-tpu", "smoke", {S: ["runtime.device_type=tpu"]}, "runtime.device_type"),
-    ("nnodes-without-rdzv", "smoke", {S: ["runtime.nnodes=2"]}, "runtime.rdzv_endpoint"),
-    ("node-rank-out-of-range", "smoke", {S: ["runtime.node_rank=1"]}, "runtime.node_rank"),
+    ("node-queues-too-few", "smoke", {S: ["runtime.nnodes=2", "runtime.node_queues=[a]"]}, "runtime.node_queues"),
     ("matrix-lr-inf", "smoke", {S: ["pretrain.matrix_lr=.inf"]}, "pretrain.matrix_lr"),
     ("embedding-lr-nan", "smoke", {S: ["pretrain.embedding_lr=.nan"]}, "pretrain.embedding_lr"),
     ("download-timeout-inf", "smoke", {S: ["data.download_timeout_s=.inf"]}, "data.download_timeout_s"),
@@ -480,8 +479,10 @@ def test_all_problems_collected(store):
 
 @needs_mirror
 @pytest.mark.parametrize(("sets", "problem"), [
-    (["runtime.nnodes=2"], r"runtime\.nnodes=2 needs a rendezvous address; fix: --set runtime\.rdzv_endpoint=<host:port of node 0>"),
-    (["runtime.node_rank=1"], r"runtime\.node_rank=1 must be < runtime\.nnodes=1; fix: --set runtime\.node_rank=<0\.\.0>"),
+    (["runtime.nnodes=3", "runtime.node_queues=[a,b]"],
+     r"runtime\.node_queues=\['a', 'b'\] must name 3 different work queues.*fix: --set runtime\.node_queues=\[node-0,node-1,\.\.\.\]"),
+    (["runtime.nnodes=2", "runtime.node_queues=[a,a]"],
+     r"runtime\.node_queues=\['a', 'a'\] must name 2 different work queues.*fix: --set runtime\.node_queues=\[node-0,node-1,\.\.\.\]"),
 ])
 def test_runtime_cross_field_fix_is_actionable(sets, problem, store):
     """A cross-field error names the fields and the one --set that fixes it (not `--set runtime=...`)."""

@@ -43,7 +43,7 @@ from tasks.store import WORK
 REPO_ROOT = Path(__file__).resolve().parents[1]
 POOL = "speedrun"
 STAGES = ["shards", "tokenizer", "eval_bundle", "pretrain", "base_eval", "sft", "chat_eval", "report"]
-DEPLOYMENTS = {"smoke", "cpu", "d12", "d20", "d24", "d26", "nightly", "sweep-cell"}
+DEPLOYMENTS = {"smoke", "cpu", "d12", "d20", "d24", "d26", "nightly", "sweep-cell", "torchrun-node"}
 SWEEPS = {"miniseries", "scaling-laws", "miniseries-smoke", "scaling-laws-smoke"}  # pool speedrun-sweeps
 CORE_TASKS = ("copa", "piqa", "winograd")  # 0-shot and 10-shot, cheap
 SHRINK = {
