@@ -65,7 +65,8 @@ def other_queues(queues: list[str], nnodes: int, here: str | None = None) -> lis
 
 def check_multinode(runtime) -> None:
     """Before any stage runs: a multi-node run needs a Prefect server that every node's worker reaches (not the
-    embedded one) and the node deployment on it. Raises ConfigError naming the fix."""
+    embedded one), the node deployment on it, and each node's work queue in its pool. Raises ConfigError naming
+    the fix."""
     from tasks.config import ConfigError
 
     if runtime.nnodes == 1:
@@ -78,12 +79,22 @@ def check_multinode(runtime) -> None:
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
-    try:
-        with get_client(sync_client=True) as client:
-            client.read_deployment_by_name(runtime.node_deployment)
-    except ObjectNotFound:
-        raise ConfigError([f"runtime.node_deployment: no deployment {runtime.node_deployment!r} on the server; "
-                           "fix: prefect deploy --name torchrun-node (prefect.yaml)"]) from None
+    with get_client(sync_client=True) as client:
+        try:
+            pool = client.read_deployment_by_name(runtime.node_deployment).work_pool_name
+        except ObjectNotFound:
+            raise ConfigError([f"runtime.node_deployment: no deployment {runtime.node_deployment!r} on the server; "
+                               "fix: prefect deploy --name torchrun-node (prefect.yaml)"]) from None
+        missing = []
+        for queue in runtime.work_queues[:runtime.nnodes]:
+            try:
+                client.read_work_queue_by_name(queue, work_pool_name=pool)
+            except ObjectNotFound:
+                missing.append(queue)
+    if missing:  # a worker started on a missing queue polls nothing, and a run sent there would wait forever
+        raise ConfigError([f"runtime.node_queues: the pool {pool!r} has no work queue {q!r}; fix: prefect work-queue "
+                           f"create {q} --pool {pool}, and start that node's worker with --work-queue {q}"
+                           for q in missing])
 
 
 def trainer_code() -> dict[str, str]:
