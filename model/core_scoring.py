@@ -13,14 +13,20 @@ Three evaluators (``model.core_eval.evaluate_task(method=...)``) produce the sam
 - ``"prefix"`` (the default): the options of an item share a long prefix (the few-shot examples and,
   for multiple choice, the question). Each item's shared prefix runs once, into a KV cache, batched
   across items (``engine.prefill_padded``); every option then runs only its continuation against a copy
-  of that cache (smear continues correctly across the boundary, see ``GPT._cached_smear``), and the
-  vocabulary projection is applied at the scored positions only. A prefix never reaches into a scored
-  span, so every scored logit comes from the continuation pass. Items with a single sequence (language
-  modeling) or whose options share nothing (left truncation cut them differently) take the batched
-  path, projected at their scored positions only.
+  of that cache (smear continues correctly across the boundary, see ``GPT._cached_smear``). A prefix
+  never reaches into a scored span, so every scored logit comes from the continuation pass. Items with a
+  single sequence (language modeling) or whose options share nothing (left truncation cut them
+  differently, e.g. 10-shot hellaswag and boolq past the context) take the batched path.
+
+  Neither pass computes what no score reads (``GPT.hidden_states(positions=...)``,
+  model/selected_positions.py): the last block computes its keys and values everywhere (later tokens and
+  the cache attend to them) but its query, attention, output projection and MLP, the backout, the final
+  norm and the vocabulary projection only at the scored positions (``_selected_positions``); a prefix
+  prefill needs no output at all, so its last block computes keys and values only.
 
 Causal attention makes right padding harmless in exact arithmetic, but a different batch
-composition (or a KV-cache split) means different GEMM / attention shapes and so float results that
+composition (or a KV-cache split, or a last block run at a subset of positions) means different GEMM /
+attention shapes and so float results that
 differ in the last bits. The batched and prefix evaluators therefore only decide an item themselves
 when its margin (loss gap between options, or logit gap at the exact-match positions) exceeds
 ``tie_tolerance``; near-ties are re-decided by the reference algorithm. Decisions are thus those of
@@ -165,14 +171,31 @@ def _span_index(starts: Sequence[int], ends: Sequence[int], offsets: Sequence[in
             torch.tensor(positions, dtype=torch.long, device=device), bounds)
 
 
+def _selected_positions(starts: Sequence[int], ends: Sequence[int], offsets: Sequence[int],
+                        device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions, columns): the positions of `_span_index` laid out as `hidden_states(positions=...)` takes
+    them, row r's span in row r of a B x S matrix (S: the longest span; shorter rows padded with position
+    0), and for every flat `_span_index` entry its column in that matrix."""
+    width = max(1, max(e - s for s, e in zip(starts, ends)))
+    matrix, columns = [], []
+    for start, end, offset in zip(starts, ends, offsets):
+        span = list(range(start - 1 - offset, end - 1 - offset))
+        matrix.append(span + [0] * (width - len(span)))
+        columns.extend(range(len(span)))
+    return (torch.tensor(matrix, dtype=torch.long, device=device),
+            torch.tensor(columns, dtype=torch.long, device=device))
+
+
 def _score_batch(model, sequences: Sequence[Sequence[int]], starts: Sequence[int], ends: Sequence[int],
                  exact_match: Sequence[bool], pad_id: int, device, span_logits_only: bool = False) -> list[float]:
-    """One forward over right-padded sequences; their `_span_scores`. With `span_logits_only` the vocabulary
-    projection runs at the scored positions only (`hidden_states` + `logits`), not at every position."""
+    """One forward over right-padded sequences; their `_span_scores`. With `span_logits_only` the last block,
+    the final norm and the vocabulary projection run at the scored positions only (`hidden_states(positions=)`
+    + `logits`), not at every position."""
     input_ids = _padded_batch(sequences, pad_id, device)
     rows_t, pos_t, bounds = _span_index(starts, ends, [0] * len(sequences), device)
     if span_logits_only:
-        span_logits = model.logits(model.hidden_states(input_ids)[rows_t, pos_t])
+        selected, columns = _selected_positions(starts, ends, [0] * len(sequences), device)
+        span_logits = model.logits(model.hidden_states(input_ids, positions=selected)[rows_t, columns])
     else:
         span_logits = model(input_ids)[rows_t, pos_t]
     return _span_scores(span_logits, input_ids[rows_t, pos_t + 1], bounds, exact_match)
@@ -326,11 +349,12 @@ def evaluate_examples_prefix_shared(model, examples: Sequence[PreparedExample], 
         capacity = max(map(len, prefixes)) + max(map(len, continuations))
         cache = prefill_padded(model, prefixes, pad_id, capacity).select_rows([j for j, _, _ in rows])
         cont_ids = _padded_batch(continuations, pad_id, device)
-        hidden = model.hidden_states(cont_ids, kv_cache=cache)
-        rows_t, pos_t, bounds = _span_index([examples[i].starts[k] for _, i, k in rows],
-                                            [examples[i].ends[k] for _, i, k in rows],
-                                            [shared[i] for _, i, _ in rows], device)
-        scores = _span_scores(model.logits(hidden[rows_t, pos_t]), cont_ids[rows_t, pos_t + 1], bounds,
+        span = ([examples[i].starts[k] for _, i, k in rows], [examples[i].ends[k] for _, i, k in rows],
+                [shared[i] for _, i, _ in rows])
+        rows_t, pos_t, bounds = _span_index(*span, device)
+        selected, columns = _selected_positions(*span, device)
+        hidden = model.hidden_states(cont_ids, kv_cache=cache, positions=selected)
+        scores = _span_scores(model.logits(hidden[rows_t, columns]), cont_ids[rows_t, pos_t + 1], bounds,
                               [examples[i].task_type == LANGUAGE_MODELING for _, i, _ in rows])
         per_item: dict[int, list[float]] = {}
         for (_, i, _), score in zip(rows, scores):

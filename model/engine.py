@@ -158,8 +158,9 @@ class KVCache:
 
 def prefill_padded(model, prompts: list[list[int]], pad_id: int, capacity: int) -> KVCache:
     """Several prompts of different lengths prefilled in one right-padded forward (no vocabulary
-    projection) into a fresh cache with `capacity` slots per row; each row is left at its own prompt's
-    length, with the smear state of its own last token, ready for `forward(..., kv_cache=...)`.
+    projection; the last block computes only its keys and values) into a fresh cache with `capacity` slots
+    per row; each row is left at its own prompt's length, with the smear state of its own last token, ready
+    for `forward(..., kv_cache=...)`.
 
     Slots past a row's end hold the padding's keys: the next chunk overwrites them, and the per-row
     attention mask never reads past a row's own end. Equal to prefilling each prompt alone up to float
@@ -174,7 +175,7 @@ def prefill_padded(model, prompts: list[list[int]], pad_id: int, capacity: int) 
     device = model.get_device()
     cache = KVCache.for_model(model, len(prompts), capacity)
     ids = torch.tensor([p + [pad_id] * (max(lengths) - len(p)) for p in prompts], dtype=torch.long, device=device)
-    model.hidden_states(ids, kv_cache=cache)
+    model.hidden_states(ids, kv_cache=cache, positions=ids.new_empty(len(prompts), 0))  # keys/values only
     cache.cache_seqlens.copy_(torch.tensor(lengths, dtype=torch.int32))
     cache.positions = lengths
     last = torch.tensor([[p[-1]] for p in prompts], dtype=torch.long, device=device)

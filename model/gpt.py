@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from ops.attention import active as attention_backend
 from ops.attention import flash_attn_func, flash_attn_with_kvcache
 from model.common import COMPUTE_DTYPE
+from model.selected_positions import block_at_positions, gather_positions
 from model.sizing import (SMEAR_GATE_INPUTS, VE_GATE_INPUTS, padded_vocab, value_embedding_layers,
                           window_sizes)
 
@@ -231,9 +232,11 @@ class GPT(nn.Module):
         """The normalised token embeddings the blocks start from (before smear), in COMPUTE_DTYPE."""
         return norm(self.transformer.wte(idx).to(COMPUTE_DTYPE))
 
-    def hidden_states(self, idx: torch.Tensor, kv_cache=None) -> torch.Tensor:
+    def hidden_states(self, idx: torch.Tensor, kv_cache=None, positions: torch.Tensor | None = None) -> torch.Tensor:
         """The final normalised hidden states (B x T x n_embd) that `logits` projects; with `kv_cache` as in
-        `forward`. Scoring a few positions (CORE) or filling a cache needs no projection of the others."""
+        `forward`. Scoring a few positions (CORE) or filling a cache needs no projection of the others.
+        `positions` (B x S int64, within this chunk): only those rows' states, B x S x n_embd; the last block
+        then runs its query side only there (model/selected_positions.py); S = 0 only fills the cache."""
         B, T = idx.shape
         if kv_cache is None:
             assert T <= self.cos.size(1), f"sequence length {T} exceeds the rotary cache ({self.cos.size(1)})"
@@ -250,10 +253,15 @@ class GPT(nn.Module):
         x0 = x
         backout_layer = self.config.n_layer // 2
         x_backout = None
+        last = self.config.n_layer - 1 if positions is not None else None
         for i, block in enumerate(self.transformer.h):
             x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
             ve = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else None
-            x = block(x, ve, cos, sin, self.window_sizes[i], kv_cache)
+            if i == last:
+                x = block_at_positions(block, x, ve, cos, sin, self.window_sizes[i], positions, kv_cache)
+                x_backout = None if x_backout is None else gather_positions(x_backout, positions)
+            else:
+                x = block(x, ve, cos, sin, self.window_sizes[i], kv_cache)
             if i == backout_layer:
                 x_backout = x
         if kv_cache is not None:  # every layer has written its k, v: the new tokens are now in the cache

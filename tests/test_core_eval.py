@@ -399,8 +399,9 @@ def test_prefix_scores_equal_full_forward_scores_far_below_the_tolerance(trained
 
 
 def _prefix_scores(model, ex, pad_id):
-    """The per-option scores of one item through the prefix path's own steps."""
-    from model.core_scoring import _padded_batch, _span_index, _span_scores
+    """The per-option scores of one item through the prefix path's own steps: the prefix prefilled (keys and
+    values only), each continuation run against a copy of it, states computed at the scored positions only."""
+    from model.core_scoring import _padded_batch, _selected_positions, _span_index, _span_scores
     from model.engine import prefill_padded
 
     p = shared_prefix_length(ex)
@@ -408,9 +409,39 @@ def _prefix_scores(model, ex, pad_id):
     cache = prefill_padded(model, [ex.sequences[0][:p]], pad_id, p + max(map(len, conts)))
     cache = cache.select_rows([0] * len(conts))
     ids = _padded_batch(conts, pad_id, "cpu")
-    hidden = model.hidden_states(ids, kv_cache=cache)
     rows_t, pos_t, bounds = _span_index(ex.starts, ex.ends, [p] * len(conts), "cpu")
-    return _span_scores(model.logits(hidden[rows_t, pos_t]), ids[rows_t, pos_t + 1], bounds, [False] * len(conts))
+    selected, columns = _selected_positions(ex.starts, ex.ends, [p] * len(conts), "cpu")
+    hidden = model.hidden_states(ids, kv_cache=cache, positions=selected)
+    return _span_scores(model.logits(hidden[rows_t, columns]), ids[rows_t, pos_t + 1], bounds, [False] * len(conts))
+
+
+def test_selected_positions_line_up_with_the_span_index():
+    from model.core_scoring import _selected_positions, _span_index
+
+    starts, ends, offsets = [5, 3, 4], [8, 3, 5], [2, 0, 1]  # the second span is empty
+    rows, positions, bounds = _span_index(starts, ends, offsets, "cpu")
+    selected, columns = _selected_positions(starts, ends, offsets, "cpu")
+    assert selected.tolist() == [[2, 3, 4], [0, 0, 0], [2, 0, 0]]
+    assert torch.equal(selected[rows, columns], positions) and bounds == [0, 3, 3, 4]
+
+
+def test_span_only_scores_equal_full_forward_scores_far_below_the_tolerance(trained_model, tokenizer, bundle):
+    """The unshared items of the prefix path (one sequence, or options that share nothing) are scored with the
+    last block at their scored positions only: within far less than the fp32 tolerance of the full forward."""
+    bos = tokenizer.get_bos_token_id()
+    worst = 0.0
+    for label in ("hellaswag", "squad"):
+        task = task_by_label(bundle, label)
+        data = prepare_task_data(load_task_data(task), 12)  # 10-shot: at least 11 items
+        examples = [prepare_example(tokenizer, task, data, i, trained_model.max_seq_len) for i in range(6)]
+        seqs = [s for ex in examples for s in ex.sequences]
+        args = (seqs, [s for ex in examples for s in ex.starts], [e for ex in examples for e in ex.ends],
+                [task.task_type == "language_modeling"] * len(seqs), bos, "cpu")
+        with evaluation_mode(trained_model):
+            full = _score_batch(trained_model, *args)
+            span_only = _score_batch(trained_model, *args, span_logits_only=True)
+        worst = max([worst] + [abs(a - b) for a, b in zip(full, span_only) if not (math.isnan(a) and math.isnan(b))])
+    assert worst < 1e-4, worst
 
 
 def test_batched_scores_do_not_depend_on_batch_composition_beyond_the_tolerance(trained_model, tokenizer, bundle):

@@ -252,6 +252,61 @@ def test_sliding_window_only_matters_beyond_the_window():
     assert not torch.allclose(a[:, 129:], b[:, 129:], atol=1e-4)
 
 
+def _live_model(**overrides) -> GPT:
+    """A small model in eval mode whose blocks all matter (at init the output projections are zero)."""
+    m = small_model(seed=6, **overrides)
+    with torch.no_grad():
+        for block in m.transformer.h:
+            block.attn.c_proj.weight.normal_(0, 0.05)
+            block.mlp.c_proj.weight.normal_(0, 0.05)
+    return m.eval()
+
+
+# Selected-position states differ from the full forward's only by GEMM / attention shapes: ~1e-7 in fp32
+# (normalised states are O(1)); 1e-5 leaves room for any thread count.
+SELECTED_ATOL = 1e-5
+
+
+@pytest.mark.parametrize("n_layer", [1, 4])  # 1: the backout layer is the last layer itself
+def test_hidden_states_at_selected_positions_equal_the_full_forward(n_layer):
+    m = _live_model(n_layer=n_layer, window_pattern="SL")  # windows 16 and 64: 150 tokens exceed both
+    idx = torch.randint(0, 512, (3, 150), generator=torch.Generator().manual_seed(8))
+    positions = torch.tensor([[0, 1, 149], [63, 64, 65], [17, 120, 120]])
+    with torch.no_grad():
+        full = m.hidden_states(idx)
+        selected = m.hidden_states(idx, positions=positions)
+        nothing = m.hidden_states(idx, positions=positions[:, :0])
+    torch.testing.assert_close(selected, full[torch.arange(3)[:, None], positions], atol=SELECTED_ATOL, rtol=0)
+    assert nothing.shape == (3, 0, m.config.n_embd)
+
+
+def test_hidden_states_at_selected_positions_with_a_kv_cache():
+    from model.engine import KVCache, prefill_padded
+
+    m = _live_model(n_layer=3, window_pattern="SL")
+    idx = torch.randint(0, 512, (3, 140), generator=torch.Generator().manual_seed(9))
+    prompts = [idx[0, :50].tolist(), idx[1, :90].tolist(), idx[2, :7].tolist()]  # rows at different positions
+    chunk, positions = idx[:, 90:130], torch.tensor([[0, 20, 39], [5, 5, 6], [38, 39, 0]])
+    rows = torch.arange(3)[:, None]
+    with torch.no_grad():
+        caches = [prefill_padded(m, prompts, 0, 140) for _ in range(2)]
+        full = m.hidden_states(chunk, kv_cache=caches[0])
+        selected = m.hidden_states(chunk, kv_cache=caches[1], positions=positions)
+        torch.testing.assert_close(selected, full[rows, positions], atol=SELECTED_ATOL, rtol=0)
+        # every layer's keys and values are computed everywhere, as the full forward computes them
+        assert torch.equal(caches[0].k_cache, caches[1].k_cache) and torch.equal(caches[0].v_cache, caches[1].v_cache)
+        assert caches[0].positions == caches[1].positions == [90, 130, 47]
+        # rows at one position, and S = 0: a cache fill only, bit-identical to the full forward's
+        uniform = [KVCache.for_model(m, 2, 100) for _ in range(2)]
+        m.hidden_states(idx[:2, :60], kv_cache=uniform[0])
+        m.hidden_states(idx[:2, :60], kv_cache=uniform[1], positions=positions[:2, :0])
+        assert torch.equal(uniform[0].k_cache, uniform[1].k_cache) and torch.equal(uniform[0].v_cache, uniform[1].v_cache)
+        full = m.hidden_states(idx[:2, 60:90], kv_cache=uniform[0])
+        in_chunk = positions[:2] % 30
+        selected = m.hidden_states(idx[:2, 60:90], kv_cache=uniform[1], positions=in_chunk)
+        torch.testing.assert_close(selected, full[rows[:2], in_chunk], atol=SELECTED_ATOL, rtol=0)
+
+
 def test_causality(model):
     idx = torch.randint(0, 512, (1, 40), generator=torch.Generator().manual_seed(2))
     changed = idx.clone()
