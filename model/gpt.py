@@ -106,17 +106,27 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = Linear(config.n_embd, config.n_embd)
         self.ve_gate = Linear(VE_GATE_INPUTS, self.n_kv_head) if has_ve else None
 
-    def forward(self, u: torch.Tensor, ve: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-                window: int, kv_cache=None) -> torch.Tensor:
+    def queries(self, u: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotated, normalised queries (B x T x H x D) of the normalised input u."""
         B, T, _ = u.shape
-        q = self.c_q(u).view(B, T, self.n_head, self.head_dim)
+        return norm(apply_rotary_emb(self.c_q(u).view(B, T, self.n_head, self.head_dim), cos, sin)) * QK_SCALE
+
+    def keys_values(self, u: torch.Tensor, ve: torch.Tensor | None, cos: torch.Tensor,
+                    sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated, normalised keys and gated values (B x T x Hkv x D) of the normalised input u."""
+        B, T, _ = u.shape
         k = self.c_k(u).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(u).view(B, T, self.n_kv_head, self.head_dim)
         if ve is not None:
             gate = VE_GATE_RANGE * torch.sigmoid(self.ve_gate(u[..., :VE_GATE_INPUTS]))  # B x T x Hkv
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
-        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
-        q, k = norm(q) * QK_SCALE, norm(k) * QK_SCALE
+        return norm(apply_rotary_emb(k, cos, sin)) * QK_SCALE, v
+
+    def forward(self, u: torch.Tensor, ve: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                window: int, kv_cache=None) -> torch.Tensor:
+        B, T, _ = u.shape
+        q = self.queries(u, cos, sin)
+        k, v = self.keys_values(u, ve, cos, sin)
         if kv_cache is None:
             y = flash_attn_func(q, k, v, causal=True, window_size=(window, 0))
         else:  # write this chunk's k, v at the cache position(s) and attend over everything cached so far

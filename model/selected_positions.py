@@ -68,18 +68,12 @@ def block_at_positions(block, x: torch.Tensor, ve: torch.Tensor | None, cos: tor
                        window: int, positions: torch.Tensor, kv_cache=None) -> torch.Tensor:
     """`block(x, ...)` (model/gpt.py: Block) at `positions` (B x S, within this chunk) only: B x S x C.
     Keys and values are computed (and cached) at every position; the rest only where selected."""
-    from model.gpt import QK_SCALE, VE_GATE_RANGE, apply_rotary_emb, norm  # gpt.py imports this module
-    from model.sizing import VE_GATE_INPUTS
+    from model.gpt import norm  # gpt.py imports this module
 
     attn = block.attn
     B, T, _ = x.shape
     u = norm(x)
-    k = attn.c_k(u).view(B, T, attn.n_kv_head, attn.head_dim)
-    v = attn.c_v(u).view(B, T, attn.n_kv_head, attn.head_dim)
-    if ve is not None:
-        gate = VE_GATE_RANGE * torch.sigmoid(attn.ve_gate(u[..., :VE_GATE_INPUTS]))  # B x T x Hkv
-        v = v + gate.unsqueeze(-1) * ve.view(B, T, attn.n_kv_head, attn.head_dim)
-    k = norm(apply_rotary_emb(k, cos, sin)) * QK_SCALE
+    k, v = attn.keys_values(u, ve, cos, sin)
     if kv_cache is None:
         keys, values, offsets = k, v, None
     else:
@@ -90,8 +84,7 @@ def block_at_positions(block, x: torch.Tensor, ve: torch.Tensor | None, cos: tor
         return x.new_empty(B, 0, x.size(2))
     x_sel, u_sel = gather_positions(x, positions), gather_positions(u, positions)
     cos_sel, sin_sel = gather_positions(cos, positions), gather_positions(sin, positions)  # B x S x 1 x D/2
-    q = attn.c_q(u_sel).view(B, S, attn.n_head, attn.head_dim)
-    q = norm(apply_rotary_emb(q, cos_sel, sin_sel)) * QK_SCALE
+    q = attn.queries(u_sel, cos_sel, sin_sel)
     y = attention_at_positions(q, keys, values, positions if offsets is None else positions + offsets, window)
     x_sel = x_sel + attn.c_proj(y.contiguous().view(B, S, attn.n_head * attn.head_dim))
     return x_sel + block.mlp(norm(x_sel))

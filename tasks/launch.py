@@ -1,9 +1,9 @@
 """Run a `model/` entry point under torchrun as a child of a Prefect task.
 
 `python -m torch.distributed.run --standalone --nproc_per_node=N -m model.train ...` (one node of a multi-node
-run, tasks/nodes.py: --nnodes/--node-rank/--rdzv-endpoint) starts in its own process group with OMP_NUM_THREADS set. Every
-output line goes to the Prefect run logger and to a log file. A non-zero exit raises with the last lines
-of the log.
+run, tasks/nodes.py: --nnodes/--node-rank/--rdzv-endpoint) starts in its own process group with
+OMP_NUM_THREADS set. Every output line goes to the Prefect run logger and to a log file. A non-zero exit
+raises with the last lines of the log.
 
 No trainer outlives its stage. Cancellation, a timeout or any exception in the task sends torchrun SIGTERM,
 which it passes to every rank; the ranks finish their step, save a checkpoint and exit (model/run_control.py),

@@ -86,7 +86,7 @@ def check_multinode(runtime) -> None:
             raise ConfigError([f"runtime.node_deployment: no deployment {runtime.node_deployment!r} on the server; "
                                "fix: prefect deploy --name torchrun-node (prefect.yaml)"]) from None
         missing = []
-        for queue in runtime.work_queues[:runtime.nnodes]:
+        for queue in other_queues(runtime.work_queues, runtime.nnodes):
             try:
                 client.read_work_queue_by_name(queue, work_pool_name=pool)
             except ObjectNotFound:
@@ -148,12 +148,13 @@ def run_multinode(stage: str, module: str, args: list[str], *, work: Path, log_p
             run_torchrun(module, args, log_path=log_path, log=log, nnodes=nodes["nnodes"], node_rank=0,
                          rdzv_endpoint=endpoint, rdzv_conf=rdzv_conf(True, nodes["rdzv_timeout_s"]),
                          watch=runs.failure, **torchrun)
-        except NodeError:
-            raise
         except TorchrunError as exc:
-            # A node that died takes node 0's ranks down with it: say which node, if its run says so in time.
+            # A node that died takes node 0's ranks down with it: say which node, if its run says so in time
+            # (when the watch stopped node 0, the message says so already).
             failure = runs.failure(wait_s=15.0)
-            raise (NodeError(f"{failure}\nnode 0: {exc}") if failure else exc) from None
+            if failure is None or failure in str(exc):
+                raise
+            raise NodeError(f"{failure}\nnode 0: {exc}") from None
         runs.wait_completed(nodes["rdzv_timeout_s"])
     finally:
         runs.cancel_unfinished(f"node 0 of {stage} stopped")

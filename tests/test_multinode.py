@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from tasks.store import WORK
 from tests.test_deployment_e2e import (FINAL_STATES, REPO_ROOT, background, free_port, git, prefect, run_deployment,
                                        wait_final, wait_healthy)
 
@@ -34,9 +35,10 @@ STEPS = 24
 SAVE_EVERY = 8
 SETS = {"pretrain.num_iterations": STEPS, "pretrain.save_every": SAVE_EVERY, "pretrain.eval_every": 12,
         "pretrain.eval_tokens": 2048, "runtime.omp_num_threads": 1,
-        "sft.total_batch_size": 4096}  # world size 2: SFT's batch must still divide (validated though --until pretrain)
-TWO_NODES = {"runtime.nnodes": 2, "runtime.rdzv_endpoint": "127.0.0.1", "runtime.rdzv_timeout_s": 60}
+        "sft.total_batch_size": 4096}  # world size 2: SFT's batch must still divide (validated even with --until pretrain)
 RDZV_TIMEOUT_S = 60
+TWO_NODES = {"runtime.nnodes": 2, "runtime.rdzv_endpoint": "127.0.0.1", "runtime.rdzv_timeout_s": RDZV_TIMEOUT_S}
+PRETRAIN_WORK = f"stages/pretrain/*/{WORK}"  # the pretrain artifacts' work/ in the store
 
 
 def speedrun_cli(sets: dict, store: Path, mirror: Path, *extra: str) -> list[str]:
@@ -135,7 +137,7 @@ def test_two_nodes_kill_node1_retry_resumes_and_equals_one_node(cluster, shared_
             node0 = subprocess.Popen(two_nodes, cwd=repo, env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 600
-            while not list(store.glob(f"stages/pretrain/*/work/run/checkpoints/complete_{SAVE_EVERY:06d}")):
+            while not list(store.glob(f"{PRETRAIN_WORK}/run/checkpoints/complete_{SAVE_EVERY:06d}")):
                 assert node0.poll() is None, first_log.read_text()[-5000:]
                 assert time.monotonic() < deadline, first_log.read_text()[-5000:]
                 time.sleep(0.2)
@@ -158,7 +160,7 @@ def test_two_nodes_kill_node1_retry_resumes_and_equals_one_node(cluster, shared_
         # 2. the retry resumes from the last complete checkpoint on both nodes and completes
         retry = subprocess.run(two_nodes, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
         assert retry.returncode == 0, retry.stdout[-3000:] + retry.stderr[-5000:]
-        [work] = store.glob("stages/pretrain/*/work")
+        [work] = store.glob(PRETRAIN_WORK)
         for log in (work / "log.txt", work / "nodes" / "node-1.log"):  # each node's first rank says so
             assert "resuming from step" in log.read_text(), log
         runs = node_runs(client, 1, since=started)
@@ -201,7 +203,7 @@ def test_cancelling_the_deployment_run_cancels_every_node_and_kills_every_rank(c
     with get_client(sync_client=True) as client:
         run_id = run_deployment(params, cluster.env, cluster.repo)
         deadline = time.monotonic() + 600
-        while not [m for m in cluster.store.glob("stages/pretrain/*/work/run/metrics.jsonl")
+        while not [m for m in cluster.store.glob(f"{PRETRAIN_WORK}/run/metrics.jsonl")
                    if m.stat().st_mtime >= started and '"step": 3' in m.read_text()]:
             run = client.read_flow_run(run_id)
             assert run.state.type.value not in FINAL_STATES, (run.state, cluster.logs["node-0"].read_text()[-4000:])
