@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import threading
+import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -145,10 +147,32 @@ def module_file(module: str, root: Path = PROJECT_ROOT) -> Path | None:
     return None
 
 
+# CPython before 3.11.9 / 3.12.3 keeps the AST builder's recursion counter in shared state, so an AST built
+# in another thread at the same moment (a traceback being formatted, another parse) makes ast.parse raise
+# SystemError "AST constructor recursion depth mismatch" (python/cpython#106905). A sweep cell hit it in a
+# flow run. Our own parses take a lock; a collision with someone else's parse is retried.
+_PARSE_LOCK = threading.Lock()
+_PARSE_ATTEMPTS = 5
+
+
+def parse_source(path: Path) -> ast.Module:
+    source = path.read_text()
+    for attempt in range(1, _PARSE_ATTEMPTS):
+        try:
+            with _PARSE_LOCK:
+                return ast.parse(source, filename=str(path))
+        except SystemError as e:
+            if "recursion depth mismatch" not in str(e):
+                raise
+            time.sleep(0.01 * attempt)
+    with _PARSE_LOCK:
+        return ast.parse(source, filename=str(path))
+
+
 @lru_cache(maxsize=None)
 def _parsed_imports(path: Path, root: Path, mtime_ns: int, size: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(module-level imports, imports inside functions or branches) of a file, as candidate dotted names."""
-    tree = ast.parse(path.read_text(), filename=str(path))
+    tree = parse_source(path)
     package = ".".join(path.relative_to(root).with_suffix("").parts)
     if path.name != "__init__.py":
         package = package.rpartition(".")[0]

@@ -220,3 +220,53 @@ def test_environment_that_changes_the_bits_is_in_the_model_stage_keys(monkeypatc
     monkeypatch.delenv("SPEEDRUN_DTYPE")
     two = load_config("smoke", {"runtime.nproc_per_node": 2, "sft.total_batch_size": 4096})
     assert base_eval_section(two)["environment"]["world_size"] == 2
+
+
+def test_parse_source_survives_asts_built_in_other_threads():
+    """CPython < 3.11.9 / 3.12.3 shares the AST builder's recursion counter between threads
+    (python/cpython#106905): an ast.parse that another thread's parse interrupts (here: garbage collection
+    running finalizers mid-build, at a tiny switch interval) raises SystemError. A sweep cell's flow run hit
+    it while fingerprinting code; the fingerprint's parser must not."""
+    import ast
+    import gc
+    import sys
+    import threading
+
+    from tasks.stages import parse_source
+
+    class Finalized:
+        def __del__(self):
+            sum(range(50))
+
+    def garbage() -> None:
+        cycle = [Finalized() for _ in range(20)]
+        for item in cycle:
+            item.self = item
+
+    other = (REPO / "model" / "gpt.py").read_text()
+    stop = threading.Event()
+
+    def parse_elsewhere() -> None:
+        while not stop.is_set():
+            garbage()
+            try:
+                ast.parse(other)
+            except SystemError:
+                pass
+
+    interval, thresholds = sys.getswitchinterval(), gc.get_threshold()
+    sys.setswitchinterval(1e-6)
+    gc.set_threshold(20, 2, 2)
+    threads = [threading.Thread(target=parse_elsewhere) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(150):  # unfixed, ast.parse fails ~1 in 20 here
+            garbage()
+            assert isinstance(parse_source(REPO / "tasks" / "stages.py"), ast.Module)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        sys.setswitchinterval(interval)
+        gc.set_threshold(*thresholds)
