@@ -217,14 +217,23 @@ def wait_for_log_line(store: Path, text: str, worker_log: Path, timeout_s: float
     raise AssertionError(f"no pretrain log shows {text!r}; the worker's log ends:\n{worker_log.read_text()[-4000:]}")
 
 
-def stage_runs(client, run_id: str) -> dict[int, list[tuple[str, str]]]:
-    """{attempt (flow_run_run_count): [(stage, state name), ...] in execution order}."""
+def stage_runs(client, run_id: str, timeout_s: float = 60) -> dict[int, list[tuple[str, str | None]]]:
+    """{attempt (flow_run_run_count): [(stage, state name), ...] in execution order} of a finished flow run.
+
+    The server records task runs from their events, after the fact: on a loaded machine a task run's final state
+    can land after its flow run's, so this waits (up to `timeout_s`) until every task run has one."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+    deadline = time.monotonic() + timeout_s
+    while True:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+        if all(tr.state is not None and tr.state.is_final() for tr in runs) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     attempts: dict[int, list] = {}
     for tr in sorted(runs, key=lambda tr: (tr.flow_run_run_count, tr.expected_start_time)):
-        attempts.setdefault(tr.flow_run_run_count, []).append((tr.name.rsplit("-", 1)[0], tr.state.name))
+        attempts.setdefault(tr.flow_run_run_count, []).append((tr.name.rsplit("-", 1)[0],
+                                                               tr.state.name if tr.state else None))
     return attempts
 
 
