@@ -1,7 +1,7 @@
 """The speedrun flow end to end on the smoke preset with real shards: caching, refresh, rebuilds.
 
-In-process runs share one temporary Prefect server; the CLI tests run `python -m flows.speedrun` in
-subprocesses (embedded Prefect), from a copy of the repo where a test edits source files.
+In-process runs share one temporary Prefect server. The CLI as a user runs it (subprocesses, embedded Prefect,
+signals): tests/test_flow_cli.py.
 """
 
 import http.server
@@ -9,21 +9,16 @@ import json
 import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
 import threading
-import time
 from functools import partial
 from pathlib import Path
 
 import pytest
 
 from flows.speedrun import speedrun, stages_to_refresh
-from test_deployment_e2e import SHRINK, small_bundle
 from tasks.shard_source import ShardSourceError
 from model.files import sha256_file
-from tasks.store import WORK, read_manifest
+from tasks.store import read_manifest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STAGES_RUN = ("shards", "tokenizer", "eval_bundle", "pretrain", "base_eval", "sft", "chat_eval", "report")
@@ -41,27 +36,35 @@ def run(prefect_server, shared_data, tmp_path):
 
     Runs stop after pretrain unless told otherwise: the cache mechanics do not need CORE every time.
     """
-    def _run(until="pretrain", mirror=None, **kwargs):
+    def _run(until="pretrain", mirror=None, overrides=None, **kwargs):
         result = speedrun(preset="smoke", mirror=str(mirror or shared_data), store=str(tmp_path / "store"),
-                          until=until, **kwargs)
+                          until=until, overrides={**_run.overrides, **(overrides or {})}, **kwargs)
         _run.last = result
         return {name: s["state"] for name, s in result["stages"].items()}
     _run.store = tmp_path / "store"
+    _run.overrides = {}  # every run's overrides start from these
     return _run
+
+
+# What re-executes is the point of the cache tests, not the training: 6 steps instead of smoke's 20, with an
+# evaluation and a checkpoint on the way.
+SHORT = {"pretrain.num_iterations": 6, "pretrain.eval_every": 3, "pretrain.save_every": 3}
 
 
 @pytest.fixture(scope="module")
 def built_store(prefect_server, shared_data, tmp_path_factory) -> Path:
-    """A smoke store built once up to pretrain, for the tests that start from a built store (copied per test)."""
+    """A smoke store (SHORT) built once up to pretrain, for the tests that start from a built store (copied per
+    test)."""
     store = tmp_path_factory.mktemp("built") / "store"
-    speedrun(preset="smoke", mirror=str(shared_data), store=str(store), until="pretrain")
+    speedrun(preset="smoke", mirror=str(shared_data), store=str(store), until="pretrain", overrides=SHORT)
     return store
 
 
 @pytest.fixture
 def built(run, built_store):
-    """`run` over a copy of the built store (mtimes kept, so validation trusts it), run once: all Cached."""
+    """`run` (SHORT) over a copy of the built store (mtimes kept, so validation trusts it), run once: all Cached."""
     shutil.copytree(built_store, run.store, symlinks=True)
+    run.overrides = SHORT
     assert run() == expect("Cached")
     return run
 
@@ -110,13 +113,6 @@ def test_first_run_completes_and_rerun_is_cached(run):
     assert run(until=None, overrides=FEW_CHAT_PROBLEMS) == expect("Cached", until=None)
     assert {k: v["key"] for k, v in run.last["stages"].items()} == {k: v["key"] for k, v in first["stages"].items()}
 
-    # A lost pretrain artifact is rebuilt with bitwise the same weights (CPU, fixed seed): its timings and log
-    # differ, but they are not part of its content, so every stage after it stays Cached.
-    weights = sha256_file(pre / "checkpoint" / "model_000020.pt")
-    shutil.rmtree(pre)
-    assert run(until=None, overrides=FEW_CHAT_PROBLEMS) == expect("Cached", until=None, pretrain="Completed")
-    assert sha256_file(pre / "checkpoint" / "model_000020.pt") == weights
-
 
 def assert_visible_in_the_ui(result: dict, store: Path, pretrain: Path) -> None:
     """What the Prefect UI shows of a finished run: its name, the stages' task runs, the training progress,
@@ -162,6 +158,19 @@ def test_tokenizer_option_reexecutes_tokenizer_only(built):
     assert run.last["summary"]["vocab_size"] == 768
 
 
+def test_lost_pretrain_artifact_is_rebuilt_bitwise_and_what_reads_it_stays_cached(built):
+    """Rebuilt with bitwise the same weights (CPU, fixed seed): its timings and log differ, but they are not part
+    of its content, so the stages after it stay Cached."""
+    run = built
+    bpb_only = {"base_eval.eval": "bpb"}  # a stage that reads the weights, cheaply
+    assert run(until="base_eval", overrides=bpb_only) == expect("Cached", until="base_eval", base_eval="Completed")
+    pre = artifact(run, "pretrain")
+    weights = sha256_file(pre / "checkpoint" / "model_000006.pt")
+    shutil.rmtree(pre)
+    assert run(until="base_eval", overrides=bpb_only) == expect("Cached", until="base_eval", pretrain="Completed")
+    assert sha256_file(pre / "checkpoint" / "model_000006.pt") == weights
+
+
 def test_deleted_artifact_file_is_rebuilt(built):
     run = built
     token_bytes = artifact(run, "tokenizer") / "token_bytes.pt"
@@ -190,7 +199,8 @@ def test_moved_store_is_all_cached_with_every_path_under_the_new_root(built, sha
     still one cache."""
     before = built.last
     shutil.move(built.store, tmp_path / "new")
-    after = speedrun(preset="smoke", mirror=str(shared_data), store=str(tmp_path / "new"), until="pretrain")
+    after = speedrun(preset="smoke", mirror=str(shared_data), store=str(tmp_path / "new"), until="pretrain",
+                     overrides=SHORT)
     assert {k: v["state"] for k, v in after["stages"].items()} == expect("Cached")
     assert {k: v["key"] for k, v in after["stages"].items()} == {k: v["key"] for k, v in before["stages"].items()}
     assert all(Path(v["artifact"]).is_relative_to(tmp_path / "new") and Path(v["artifact"]).is_dir()
@@ -222,7 +232,6 @@ def test_external_inputs_are_keyed_by_what_they_hold(run, shared_data, tmp_path)
     """A mirror edited in place: a replaced shard re-executes shards and what reads them, an edited bundle file
     the eval bundle; `--refresh shards` re-hashes stored shards the size-and-mtime check would trust."""
     mirror = tmp_path / "mirror"
-    SHORT = {"pretrain.num_iterations": 6}  # what re-executes is the point, not the training
     mirror.mkdir()
     shutil.copytree(shared_data / "pretrain", mirror / "pretrain")
     shutil.copytree(shared_data / "eval_bundle", mirror / "eval_bundle")
@@ -310,171 +319,3 @@ def test_refresh_closure():
     assert stages_to_refresh(["tokenizer"]) == {"tokenizer", "pretrain", "base_eval", "sft", "chat_eval", "report"}
     assert stages_to_refresh("chat_eval,report") == {"chat_eval", "report"}
     assert "shards" in stages_to_refresh("all")
-
-
-# ---------------------------------------------------------------------------------------------
-# the CLI, as a user runs it (embedded Prefect in a subprocess)
-
-def cli(cwd: Path, *args: str, env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.speedrun", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def cli_env(tmp_path_factory):
-    home = tmp_path_factory.mktemp("prefect-home")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    env.update(PREFECT_HOME=str(home), SPEEDRUN_HOME=str(tmp_path_factory.mktemp("speedrun-home")))
-    return env
-
-
-def test_cli_rejects_bad_config_before_starting_prefect(cli_env, tmp_path):
-    t0 = time.time()
-    proc = cli(REPO_ROOT, "--preset", "smoke", "--set", "pretrain.depth=0", "--set", "tokenizer.vocab_sise=5",
-               "--store", str(tmp_path / "store"), env=cli_env)
-    assert proc.returncode == 2
-    assert "pretrain.depth" in proc.stderr and "tokenizer.vocab_sise" in proc.stderr and "fix" in proc.stderr
-    assert "did you mean tokenizer.vocab_size" in proc.stderr
-    assert not (tmp_path / "store").exists()
-    assert time.time() - t0 < 20  # no Prefect server was started
-
-
-@pytest.mark.slow
-def test_cli_summary_json_cached_rerun_and_source_edit(cli_env, shared_data, tmp_path):
-    """The issue's 'done when': run, rerun all Cached; then editing the tokenizer's code re-executes it."""
-    repo = tmp_path / "repo"
-    shutil.copytree(REPO_ROOT, repo, ignore=shutil.ignore_patterns(".git", "__pycache__", "*.egg-info", ".pytest_cache"))
-    env = {**cli_env, "PYTHONPATH": str(repo)}
-    # smoke, shrunk as the deployment e2e test shrinks it (fewer steps, a 3-task CORE bundle, two problems per
-    # chat task): what is tested is which stages re-execute, not the numbers
-    bundle = small_bundle(shared_data, tmp_path / "bundle")
-    shrink = [f"{k}={v}" for k, v in {**SHRINK, "base_eval.bundle": bundle}.items()]
-    args = ("--preset", "smoke", "--mirror", str(shared_data), "--store", str(tmp_path / "store"),
-            *[a for item in shrink for a in ("--set", item)])
-
-    def states(summary: Path) -> dict:
-        return {k: v["state"] for k, v in json.loads(summary.read_text())["stages"].items()}
-
-    for i, expected in enumerate(["Completed", "Cached"]):
-        proc = cli(repo, *args, "--summary-json", str(tmp_path / f"s{i}.json"), env=env)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        assert states(tmp_path / f"s{i}.json") == expect(expected, until=None)
-    s0 = json.loads((tmp_path / "s0.json").read_text())
-    for stage in s0["stages"].values():
-        assert set(stage) == {"state", "key", "seconds", "artifact"} and Path(stage["artifact"]).is_dir()
-
-    # An edit to the code one stage executes re-executes that stage; what reads its output re-executes only if
-    # the output changed (content hashes): these edits change no bits, so everything downstream stays Cached.
-    edits = [  # (file, the extra arguments of that run, the stages that re-execute)
-        ("tasks/chat_eval.py", (), {"chat_eval"}),
-        # CORE's scoring runs in base_eval and, through ChatCORE's shared helpers, chat_eval; smoke trains without CORE
-        ("model/core_scoring.py", (), {"base_eval", "chat_eval"}),
-        ("model/sft_loader.py", (), {"sft"}),  # SFT retrains to bitwise the same weights on CPU
-        # the checkpoint period is not in the pretrain key; the report renders the config, so it re-renders
-        (None, ("--set", "pretrain.save_every=2"), {"report"}),
-    ]
-    for i, (path, extra, executed) in enumerate(edits, start=2):
-        if path:
-            with open(repo / path, "a") as f:
-                f.write("\n# an edit that changes the code fingerprint\n")
-        proc = cli(repo, *args, *extra, "--summary-json", str(tmp_path / f"s{i}.json"), env=env)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert states(tmp_path / f"s{i}.json") == \
-            expect("Cached", until=None, **{s: "Completed" for s in executed}), (path, extra)
-
-
-def trainer_pids(marker: str) -> list[int]:
-    """Pids of live torchrun launchers and ranks (model.train / model.sft) whose command line mentions `marker`."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, ValueError, IndexError):
-            continue
-        trainer = "torch.distributed.run" in cmdline or "-m model." in cmdline
-        if proc.name.isdigit() and trainer and marker in cmdline and state != "Z":
-            pids.append(int(proc.name))
-    return pids
-
-
-@pytest.mark.slow
-def test_sigkilled_flow_leaves_no_trainer_and_the_retry_resumes(prefect_server, shared_data, tmp_path):
-    """The flow process SIGKILLed mid-pretrain (OOM killer, kill -9) on 2 ranks: torchrun and both ranks are gone
-    within 10 s, having saved; the retry resumes from that checkpoint with one trainer, to the planned step."""
-    from prefect.settings import PREFECT_API_URL
-
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}  # the test server: nothing embedded to orphan
-    store = tmp_path / "store"
-    args = ("--preset", "smoke", "--mirror", str(shared_data), "--store", str(store), "--until", "pretrain",
-            "--set", "pretrain.num_iterations=24", "--set", "runtime.nproc_per_node=2",
-            "--set", "sft.total_batch_size=4096",  # a whole number of 2-rank SFT micro-batches (checked up front)
-            "--set", "runtime.omp_num_threads=1")
-    first = subprocess.Popen([sys.executable, "-m", "flows.speedrun", *args], cwd=REPO_ROOT, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 300
-        for line in first.stdout:
-            assert time.monotonic() < deadline, "pretraining reached no step 5 in time"
-            if "step 00005/" in line:
-                break
-        assert len(trainer_pids(str(store))) == 3  # torchrun and two ranks
-        first.kill()
-        first.wait(timeout=30)
-    finally:
-        if first.poll() is None:
-            first.kill()
-    deadline = time.monotonic() + 10
-    while trainer_pids(str(store)):
-        assert time.monotonic() < deadline, f"trainers outlived their flow: {trainer_pids(str(store))}"
-        time.sleep(0.1)
-    (checkpoints,) = store.glob(f"stages/pretrain/*/{WORK}/run/checkpoints")
-    saved = int(sorted(checkpoints.glob("complete_*"))[-1].name.removeprefix("complete_"))
-    assert saved >= 5  # told by the kernel, the ranks saved the step they were on before exiting
-
-    retry = cli(REPO_ROOT, *args, "--summary-json", str(tmp_path / "r.json"), env=env)
-    assert retry.returncode == 0, retry.stdout[-3000:] + retry.stderr[-3000:]
-    result = json.loads((tmp_path / "r.json").read_text())
-    assert result["stages"]["pretrain"]["state"] == "Completed" and result["summary"]["step"] == 24
-    log = (Path(result["stages"]["pretrain"]["artifact"]) / "log.txt").read_text()
-    assert log.count("resuming from step ") == 1 and f"resuming from step {saved} " in log
-
-
-@pytest.mark.slow
-def test_killed_refresh_leaves_the_previous_artifact_valid_and_cached(cli_env, shared_data, tmp_path):
-    """A refresh builds beside the artifact it replaces: killing it mid-build loses nothing."""
-    store = tmp_path / "store"
-    args = ("--preset", "smoke", "--mirror", str(shared_data), "--store", str(store), "--until", "pretrain")
-    first = cli(REPO_ROOT, *args, "--summary-json", str(tmp_path / "first.json"), env=cli_env)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    built = Path(json.loads((tmp_path / "first.json").read_text())["stages"]["pretrain"]["artifact"])
-    manifest = read_manifest(built)
-
-    refresh = subprocess.Popen([sys.executable, "-m", "flows.speedrun", *args, "--refresh", "pretrain"], cwd=REPO_ROOT,
-                               env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 240
-        rebuilding = built.with_name(built.name + ".rebuild") / "work" / "run" / "checkpoints" / "complete_000010"
-        while not rebuilding.exists():
-            assert refresh.poll() is None, refresh.stdout.read()[-3000:]
-            assert time.monotonic() < deadline, "the refresh reached no checkpoint in time"
-            time.sleep(0.1)
-        assert read_manifest(built) == manifest  # while it rebuilds, the artifact is untouched and valid
-        for pid in trainer_pids(str(store)):
-            os.killpg(os.getpgid(pid), signal.SIGKILL)
-        refresh.communicate(timeout=120)
-    finally:
-        if refresh.poll() is None:
-            refresh.kill()
-    assert refresh.returncode != 0
-    assert read_manifest(built) == manifest
-    again = cli(REPO_ROOT, *args, "--summary-json", str(tmp_path / "again.json"), env=cli_env)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    result = json.loads((tmp_path / "again.json").read_text())
-    assert result["stages"]["pretrain"] == {**result["stages"]["pretrain"], "state": "Cached", "artifact": str(built)}
-
-
-def test_cli_rejects_unknown_until_stage(cli_env, tmp_path):
-    proc = cli(REPO_ROOT, "--preset", "smoke", "--until", "pretrian", "--store", str(tmp_path / "store"), env=cli_env)
-    assert proc.returncode == 2 and "until" in proc.stderr and "pretrain" in proc.stderr
-    assert not (tmp_path / "store").exists()
