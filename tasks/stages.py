@@ -156,17 +156,16 @@ _PARSE_ATTEMPTS = 5
 
 
 def parse_source(path: Path) -> ast.Module:
+    """The file's AST (ast.parse), retried on the CPython collision described above."""
     source = path.read_text()
-    for attempt in range(1, _PARSE_ATTEMPTS):
+    for attempt in range(1, _PARSE_ATTEMPTS + 1):
         try:
             with _PARSE_LOCK:
                 return ast.parse(source, filename=str(path))
         except SystemError as e:
-            if "recursion depth mismatch" not in str(e):
+            if "recursion depth mismatch" not in str(e) or attempt == _PARSE_ATTEMPTS:
                 raise
             time.sleep(0.01 * attempt)
-    with _PARSE_LOCK:
-        return ast.parse(source, filename=str(path))
 
 
 @lru_cache(maxsize=None)
