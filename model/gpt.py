@@ -71,8 +71,21 @@ class Linear(nn.Linear):
         assert not bias, "the model has no biases"
         super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
 
+    def reset_parameters(self) -> None:
+        """Nothing: GPT.init_weights initialises every weight (see Embedding)."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight.to(x.dtype))
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding without torch's default init: GPT.init_weights draws every weight, in the reference's order.
+
+    The model is built on the meta device, where a default init computes nothing but still costs: torch's meta
+    kernels for random fills import torch._dynamo on first use, about a second of every trainer's start."""
+
+    def reset_parameters(self) -> None:
+        pass
 
 
 def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -170,7 +183,7 @@ class GPT(nn.Module):
         self.head_dim = C // config.n_head
         kv_dim = config.n_kv_head * self.head_dim
         self.transformer = nn.ModuleDict({
-            "wte": nn.Embedding(V, C),
+            "wte": Embedding(V, C),
             "h": nn.ModuleList(Block(config, i, i in self.ve_layers) for i in range(config.n_layer)),
         })
         self.lm_head = Linear(C, V)
@@ -179,11 +192,12 @@ class GPT(nn.Module):
         self.smear_gate = Linear(SMEAR_GATE_INPUTS, 1)
         self.smear_lambda = nn.Parameter(torch.zeros(1))
         self.backout_lambda = nn.Parameter(torch.zeros(1))
-        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(V, kv_dim) for i in self.ve_layers})
+        self.value_embeds = nn.ModuleDict({str(i): Embedding(V, kv_dim) for i in self.ve_layers})
         self.rotary_len = ROPE_LENGTH_FACTOR * config.sequence_len
-        cos, sin = rotary_tables(self.rotary_len, self.head_dim, device=self.lm_head.weight.device)
-        self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
+        # allocated only: init_weights computes them on the model's device (build_model)
+        tables = (1, self.rotary_len, 1, self.head_dim // 2)
+        self.register_buffer("cos", torch.empty(tables, dtype=COMPUTE_DTYPE), persistent=False)
+        self.register_buffer("sin", torch.empty(tables, dtype=COMPUTE_DTYPE), persistent=False)
 
     # ------------------------------------------------------------------ init
     @torch.no_grad()

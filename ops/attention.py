@@ -201,12 +201,17 @@ def select(requested: str = "auto", device_type: str | None = None,
 _SELECTION: Selection | None = None
 _FUSED_MODULE = None
 _OVERRIDE: str | None = None
+_FA4_CALL = None
 
 
 def configure(requested: str = "auto", device_type: str | None = None) -> Selection:
     """Choose the backend for this process (see `select`) and return the Selection; call once at start."""
-    global _SELECTION, _FUSED_MODULE
+    global _SELECTION, _FUSED_MODULE, _FA4_CALL
     _SELECTION, _FUSED_MODULE = select(requested, device_type)
+    if _SELECTION.backend == "fa4" and _FA4_CALL is None:
+        # FA4's autograd function is opaque to dynamo: a graph break around each call. Wrapped here rather than
+        # by a decorator at import, because torch.compiler.disable imports dynamo: ~1 s of every process start.
+        _FA4_CALL = torch.compiler.disable(_fa4_eager)
     return _SELECTION
 
 
@@ -359,8 +364,7 @@ def _fa3(q, k, v, causal: bool, window_size) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-@torch.compiler.disable  # FA4's autograd function is opaque to dynamo: a graph break around each call
-def _fa4(q, k, v, left: int, right: int) -> torch.Tensor:
+def _fa4_eager(q, k, v, left: int, right: int) -> torch.Tensor:
     window = (None if left < 0 else left, None if right < 0 else right)
     out = _FUSED_MODULE.flash_attn_func(q, k, v, causal=right == 0, window_size=window)
     return out[0] if isinstance(out, tuple) else out
@@ -393,7 +397,7 @@ def flash_attn_func(
         return _fa3(q, k, v, causal, window_size)
     left, right = _effective_window(causal, window_size)
     if backend == "fa4":
-        return _fa4(q, k, v, left, right)
+        return _FA4_CALL(q, k, v, left, right)
     if backend == "flex":
         return _flex(q, k, v, left, right)
     return _sdpa(q, k, v, left, right)

@@ -130,9 +130,18 @@ class _Float8Matmul(torch.autograd.Function):
         return grad_x, grad_w
 
 
-if hasattr(torch, "_dynamo") and hasattr(torch._dynamo, "allow_in_graph"):
-    # torch.compile fuses the code around the matmul but does not trace inside it.
-    _Float8Matmul = torch._dynamo.allow_in_graph(_Float8Matmul)
+_IN_GRAPH = False
+
+
+def _allow_fp8_matmul_in_graph() -> None:
+    """Make torch.compile fuse the code around the FP8 matmul without tracing inside it.
+
+    Done when the first Float8Linear is built, not at import: it imports torch._dynamo (~1 s), which a process
+    that only imports this module (every evaluation does, for disable_fp8) should not pay."""
+    global _IN_GRAPH
+    if not _IN_GRAPH:
+        torch._dynamo.allow_in_graph(_Float8Matmul)  # registers the class itself (returns it unchanged)
+        _IN_GRAPH = True
 
 
 def fp8_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -153,6 +162,10 @@ class Float8Linear(nn.Linear):
     """
 
     _orig_class: type = nn.Linear
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _allow_fp8_matmul_in_graph()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         x = input

@@ -473,3 +473,26 @@ def test_autodetect_device_type_prefers_cuda_then_mps(monkeypatch):
     assert common.autodetect_device_type() == "mps"
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     assert common.autodetect_device_type() == "cpu"
+
+
+def test_an_evaluation_process_never_imports_dynamo():
+    """Building a model and evaluating it (CORE, bpb, the KV-cache engine) leaves torch._dynamo unimported: its
+    import is about a second of every evaluation rank's start. (Training imports it anyway: torch.optim does.)"""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys, torch\n"
+        "import model.evaluate, model.chat_eval, model.engine\n"
+        "from model.gpt import GPTConfig, build_model\n"
+        "from model.core_scoring import evaluation_mode\n"
+        "m = build_model(GPTConfig(sequence_len=32, vocab_size=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=64), "
+        "'cpu')\n"
+        "with evaluation_mode(m):\n"
+        "    m(torch.zeros(1, 8, dtype=torch.long))\n"
+        "print(sorted(n for n in sys.modules if n.startswith('torch._dynamo')))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "[]", out.stdout
