@@ -1,5 +1,6 @@
 """The speedrun CLI as a user runs it: `python -m flows.speedrun` in subprocesses, on embedded Prefect (or the
-test server where a test needs one to outlive the flow), with real shards on the smoke preset.
+test server, where a test needs one to outlive the flow or a run only sets the stage up), with real shards on the
+smoke preset.
 
 Bad options fail before Prefect starts; a run and its rerun (all Cached) write --summary-json; edits to the
 code a stage runs re-execute that stage only; a SIGKILLed flow leaves no trainer behind and its retry resumes;
@@ -46,12 +47,22 @@ def test_cli_rejects_bad_config_before_starting_prefect(cli_env, tmp_path):
     assert time.time() - t0 < 20  # no Prefect server was started
 
 
+def on_test_server(env: dict) -> dict:
+    """`env` pointed at the session's Prefect server. A CLI run there skips the ~8 s start of an embedded server;
+    the cache lives in the store, so which server a run talks to changes no stage's state."""
+    from prefect.settings import PREFECT_API_URL
+
+    return {**env, "PREFECT_API_URL": PREFECT_API_URL.value()}
+
+
 @pytest.mark.slow
-def test_cli_summary_json_cached_rerun_and_source_edit(cli_env, shared_data, tmp_path):
-    """The issue's 'done when': run, rerun all Cached; then editing the tokenizer's code re-executes it."""
+def test_cli_summary_json_cached_rerun_and_source_edit(cli_env, prefect_server, shared_data, tmp_path):
+    """Run (embedded Prefect, as the README's first command), rerun all Cached; then each edit to the code a stage
+    runs re-executes that stage (these runs go to the test server)."""
     repo = tmp_path / "repo"
     shutil.copytree(REPO_ROOT, repo, ignore=shutil.ignore_patterns(".git", "__pycache__", "*.egg-info", ".pytest_cache"))
-    env = {**cli_env, "PYTHONPATH": str(repo)}
+    embedded = {**cli_env, "PYTHONPATH": str(repo)}
+    served = on_test_server(embedded)
     # smoke, shrunk as the deployment e2e test shrinks it (fewer steps, a 3-task CORE bundle, two problems per
     # chat task): what is tested is which stages re-execute, not the numbers
     bundle = small_bundle(shared_data, tmp_path / "bundle")
@@ -62,7 +73,7 @@ def test_cli_summary_json_cached_rerun_and_source_edit(cli_env, shared_data, tmp
     def states(summary: Path) -> dict:
         return {k: v["state"] for k, v in json.loads(summary.read_text())["stages"].items()}
 
-    for i, expected in enumerate(["Completed", "Cached"]):
+    for i, (expected, env) in enumerate([("Completed", embedded), ("Cached", served)]):
         proc = cli(repo, *args, "--summary-json", str(tmp_path / f"s{i}.json"), env=env)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert states(tmp_path / f"s{i}.json") == expect(expected, until=None)
@@ -84,7 +95,7 @@ def test_cli_summary_json_cached_rerun_and_source_edit(cli_env, shared_data, tmp
         if path:
             with open(repo / path, "a") as f:
                 f.write("\n# an edit that changes the code fingerprint\n")
-        proc = cli(repo, *args, *extra, "--summary-json", str(tmp_path / f"s{i}.json"), env=env)
+        proc = cli(repo, *args, *extra, "--summary-json", str(tmp_path / f"s{i}.json"), env=served)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert states(tmp_path / f"s{i}.json") == \
             expect("Cached", until=None, **{s: "Completed" for s in executed}), (path, extra)
@@ -148,11 +159,13 @@ def test_sigkilled_flow_leaves_no_trainer_and_the_retry_resumes(prefect_server, 
 
 
 @pytest.mark.slow
-def test_killed_refresh_leaves_the_previous_artifact_valid_and_cached(cli_env, shared_data, tmp_path):
-    """A refresh builds beside the artifact it replaces: killing it mid-build loses nothing."""
+def test_killed_refresh_leaves_the_previous_artifact_valid_and_cached(cli_env, prefect_server, shared_data,
+                                                                     tmp_path):
+    """A refresh (embedded Prefect) builds beside the artifact it replaces: killing it mid-build loses nothing."""
     store = tmp_path / "store"
-    args = ("--preset", "smoke", "--mirror", str(shared_data), "--store", str(store), "--until", "pretrain")
-    first = cli(REPO_ROOT, *args, "--summary-json", str(tmp_path / "first.json"), env=cli_env)
+    args = ("--preset", "smoke", "--mirror", str(shared_data), "--store", str(store), "--until", "pretrain",
+            "--set", "pretrain.num_iterations=12", "--set", "pretrain.save_every=4")  # killed after step 4 of 12
+    first = cli(REPO_ROOT, *args, "--summary-json", str(tmp_path / "first.json"), env=on_test_server(cli_env))
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     built = Path(json.loads((tmp_path / "first.json").read_text())["stages"]["pretrain"]["artifact"])
     manifest = read_manifest(built)
@@ -161,7 +174,7 @@ def test_killed_refresh_leaves_the_previous_artifact_valid_and_cached(cli_env, s
                                env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 240
-        rebuilding = built.with_name(built.name + ".rebuild") / "work" / "run" / "checkpoints" / "complete_000010"
+        rebuilding = built.with_name(built.name + ".rebuild") / "work" / "run" / "checkpoints" / "complete_000004"
         while not rebuilding.exists():
             assert refresh.poll() is None, refresh.stdout.read()[-3000:]
             assert time.monotonic() < deadline, "the refresh reached no checkpoint in time"
@@ -175,7 +188,7 @@ def test_killed_refresh_leaves_the_previous_artifact_valid_and_cached(cli_env, s
             refresh.kill()
     assert refresh.returncode != 0
     assert read_manifest(built) == manifest
-    again = cli(REPO_ROOT, *args, "--summary-json", str(tmp_path / "again.json"), env=cli_env)
+    again = cli(REPO_ROOT, *args, "--summary-json", str(tmp_path / "again.json"), env=on_test_server(cli_env))
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     result = json.loads((tmp_path / "again.json").read_text())
     assert result["stages"]["pretrain"] == {**result["stages"]["pretrain"], "state": "Cached", "artifact": str(built)}

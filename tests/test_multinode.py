@@ -31,9 +31,9 @@ from tasks.store import WORK
 from tests.test_deployment_e2e import (FINAL_STATES, REPO_ROOT, background, free_port, git, prefect, run_deployment,
                                        wait_final, wait_healthy)
 
-STEPS = 24
-SAVE_EVERY = 8
-SETS = {"pretrain.num_iterations": STEPS, "pretrain.save_every": SAVE_EVERY, "pretrain.eval_every": 12,
+STEPS = 16
+SAVE_EVERY = 4
+SETS = {"pretrain.num_iterations": STEPS, "pretrain.save_every": SAVE_EVERY, "pretrain.eval_every": 8,
         "pretrain.eval_tokens": 2048, "runtime.omp_num_threads": 1,
         "sft.total_batch_size": 4096}  # world size 2: SFT's batch must still divide (validated even with --until pretrain)
 RDZV_TIMEOUT_S = 60
