@@ -82,7 +82,8 @@ class Embedding(nn.Embedding):
     """nn.Embedding without torch's default init: GPT.init_weights draws every weight, in the reference's order.
 
     The model is built on the meta device, where a default init computes nothing but still costs: torch's meta
-    kernels for random fills import torch._dynamo on first use, about a second of every trainer's start."""
+    kernels for random fills import torch._dynamo on first use, about a second of the start of every process
+    that builds a model and never compiles (evaluation, chat; tests/test_gpt.py checks it)."""
 
     def reset_parameters(self) -> None:
         pass
