@@ -48,3 +48,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
+
+
+# The test files that take minutes, longest first. The suite runs on two xdist workers, a file at a time each
+# (pyproject addopts): these start first, and the short files fill in around them, instead of one long file
+# running alone at the end while the other worker idles.
+LONG_FILES = ("test_deployment_e2e.py", "test_flow_cli.py", "test_flow.py", "test_sweeps.py", "test_multinode.py")
+
+
+def pytest_collection_modifyitems(items):
+    first = {name: rank for rank, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: first.get(item.path.name, len(LONG_FILES)))  # stable: the rest keep their order
