@@ -26,6 +26,7 @@ Module-level API:
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Callable
 
 import torch
@@ -130,18 +131,13 @@ class _Float8Matmul(torch.autograd.Function):
         return grad_x, grad_w
 
 
-_IN_GRAPH = False
-
-
+@functools.cache
 def _allow_fp8_matmul_in_graph() -> None:
     """Make torch.compile fuse the code around the FP8 matmul without tracing inside it.
 
     Done when the first Float8Linear is built, not at import: it imports torch._dynamo (~1 s), which a process
     that only imports this module (every evaluation does, for disable_fp8) should not pay."""
-    global _IN_GRAPH
-    if not _IN_GRAPH:
-        torch._dynamo.allow_in_graph(_Float8Matmul)  # registers the class itself (returns it unchanged)
-        _IN_GRAPH = True
+    torch._dynamo.allow_in_graph(_Float8Matmul)  # registers the class itself (returns it unchanged)
 
 
 def fp8_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -165,7 +165,8 @@ def test_killed_refresh_leaves_the_previous_artifact_valid_and_cached(cli_env, p
     store = tmp_path / "store"
     args = ("--preset", "smoke", "--mirror", str(shared_data), "--store", str(store), "--until", "pretrain",
             "--set", "pretrain.num_iterations=12", "--set", "pretrain.save_every=4")  # killed after step 4 of 12
-    first = cli(REPO_ROOT, *args, "--summary-json", str(tmp_path / "first.json"), env=on_test_server(cli_env))
+    served = on_test_server(cli_env)  # the runs before and after the killed one only set it up and check it
+    first = cli(REPO_ROOT, *args, "--summary-json", str(tmp_path / "first.json"), env=served)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     built = Path(json.loads((tmp_path / "first.json").read_text())["stages"]["pretrain"]["artifact"])
     manifest = read_manifest(built)
@@ -188,7 +189,7 @@ def test_killed_refresh_leaves_the_previous_artifact_valid_and_cached(cli_env, p
             refresh.kill()
     assert refresh.returncode != 0
     assert read_manifest(built) == manifest
-    again = cli(REPO_ROOT, *args, "--summary-json", str(tmp_path / "again.json"), env=on_test_server(cli_env))
+    again = cli(REPO_ROOT, *args, "--summary-json", str(tmp_path / "again.json"), env=served)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     result = json.loads((tmp_path / "again.json").read_text())
     assert result["stages"]["pretrain"] == {**result["stages"]["pretrain"], "state": "Cached", "artifact": str(built)}

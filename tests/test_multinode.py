@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from tasks.store import WORK
+from tests.test_flow_cli import trainer_pids
 from tests.test_deployment_e2e import (FINAL_STATES, REPO_ROOT, background, free_port, git, prefect, run_deployment,
                                        wait_final, wait_healthy)
 
@@ -178,20 +179,6 @@ def test_two_nodes_kill_node1_retry_resumes_and_equals_one_node(cluster, shared_
         assert diff <= 1e-5, (name, diff)
 
 
-def trainer_processes(store: Path) -> list[int]:
-    """Every torchrun agent and rank training into `store`, on either node (this machine runs both). Other tests
-    may be training on this machine at the same time (the suite runs on two workers): theirs write elsewhere."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            cmdline = (proc / "cmdline").read_bytes()
-        except (FileNotFoundError, PermissionError, NotADirectoryError):
-            continue
-        if (b"torch.distributed.run" in cmdline or b"model.train" in cmdline) and str(store).encode() in cmdline:
-            found.append(int(proc.name))
-    return found
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc to find the ranks")
 def test_cancelling_the_deployment_run_cancels_every_node_and_kills_every_rank(cluster, shared_data):
@@ -218,8 +205,10 @@ def test_cancelling_the_deployment_run_cancels_every_node_and_kills_every_rank(c
         node1 = wait_final(client, str(node1.id), timeout_s=120, worker_log=cluster.logs["node-1"])
         assert node1.state.type.value in ("CANCELLED", "FAILED", "CRASHED"), node1.state
         deadline = time.monotonic() + 90
-        while trainer_processes(cluster.store):  # every agent and rank on both nodes exits (they save, then go)
-            assert time.monotonic() < deadline, trainer_processes(cluster.store)
+        # every agent and rank training into this store, on both nodes, exits (they save, then go); other tests
+        # may be training on this machine at the same time (two workers), into stores of their own
+        while trainer_pids(str(cluster.store)):
+            assert time.monotonic() < deadline, trainer_pids(str(cluster.store))
             time.sleep(0.5)
 
 def launch_for(work: Path, nonce: str = "n1") -> dict:
