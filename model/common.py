@@ -5,14 +5,16 @@
 - autodetect_device_type(): cuda, else mps, else cpu.
 - get_peak_flops(device_name): peak dense BF16 FLOP/s of a GPU from its name, for MFU.
 - print0(...): print on global rank 0 only.
-- compute_init(device_type): seed, precision and (under torchrun) the process group; synchronize(device);
-  dist_info(): (rank, world_size), (0, 1) outside a process group.
+- compute_init(device_type): seed, precision, the CPU allocator and (under torchrun) the process group;
+  synchronize(device); dist_info(): (rank, world_size), (0, 1) outside a process group.
+- retain_freed_cpu_memory(): keep freed heap blocks in the process (glibc), so CPU steps do not page-fault.
 - decide_compile(mode, device_type, planned_steps): whether a training run compiles (--compile auto|on|off).
 - setup_attention(requested, device_type): choose the attention backend (--attention), say which and why.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 from collections.abc import Mapping
@@ -126,11 +128,46 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs)
 
 
+# glibc's allocator serves every block over 32 MiB with a fresh mmap and unmaps it on free, so on CPU each
+# micro-step's B*T*vocab logits, their softcap and their gradient (268 MB each at T=256 x 8 x vocab 32768) are
+# page-faulted and zeroed by the kernel again: 65k faults, ~65 ms for each such tensor on this 2-core VM.
+# With mmap off and trimming off, freed blocks stay in the heap and the next step reuses their pages.
+# `python -m bench.train_throughput --compare-compile` (d4 / T=256 / batch 8x2 / vocab 32768): eager 5.07 ->
+# 3.06 s a step, compiled 3.06 -> 2.49 s, the same losses bit for bit. The cost: the process keeps its peak
+# heap (eager at that size: ~5 GB resident instead of a ~2.4 GB peak), as a GPU caching allocator keeps its
+# blocks. (docs/model.md#cpu-memory)
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc <malloc.h> mallopt parameters
+MALLOC_ENV_VARS = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")
+
+
+def retain_freed_cpu_memory(environ: Mapping[str, str] | None = None) -> str:
+    """Keep freed heap memory in this process (glibc mallopt: no mmap for large blocks, never trim the
+    heap), so a training step reuses the pages of the step before instead of faulting in fresh ones.
+    Left as is where the C library is not glibc or the user has set glibc's malloc environment variables
+    (MALLOC_MMAP_MAX_=65536 restores the default). Returns what it did, for the log."""
+    environ = os.environ if environ is None else environ
+    chosen = [var for var in MALLOC_ENV_VARS if var in environ]
+    if "glibc.malloc." in environ.get("GLIBC_TUNABLES", ""):
+        chosen.append("GLIBC_TUNABLES")
+    if chosen:
+        return f"CPU allocator left as set by {', '.join(chosen)}"
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.gnu_get_libc_version  # noqa: B018 - present in glibc only
+    except (OSError, AttributeError):
+        return "CPU allocator left as is (not glibc)"
+    if libc.mallopt(M_MMAP_MAX, 0) != 1 or libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) != 1:
+        return "CPU allocator left as is (mallopt refused)"
+    return "CPU allocator: freed memory stays in the process for reuse (set MALLOC_MMAP_MAX_=65536 to release it)"
+
+
 def compute_init(device_type: str) -> tuple[bool, int, int, int, torch.device]:
-    """Seed, precision and (under torchrun) the process group: nccl on CUDA, gloo on CPU."""
+    """Seed, precision, the CPU allocator and (under torchrun) the process group: nccl on CUDA, gloo on CPU."""
     assert device_type in ("cuda", "cpu", "mps"), f"unknown device type {device_type!r}"
     if device_type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device-type=cuda but CUDA is not available")
+    if device_type == "cpu":
+        print0(retain_freed_cpu_memory())
     torch.manual_seed(42)
     if device_type == "cuda":
         torch.cuda.manual_seed(42)
@@ -153,13 +190,14 @@ def compute_init(device_type: str) -> tuple[bool, int, int, int, torch.device]:
 
 # --compile auto on CPU: compiling the model and the optimizer's step functions costs a long first step
 # (inductor builds C++ kernels) and then saves a fixed time per step; it pays only when the run is long
-# enough. Break-even steps measured on a 2-core x86 VM (torch 2.13.0+cpu) with `python -m
-# bench.train_throughput --compare-compile`, all d4: 16 at T=256 / batch 8x2 / vocab 32768 (5.3 -> 2.8 s a
-# step, 42 s more for the first); 88 at the cpu preset's size (T=256 / batch 16 / vocab 4096: 1.09 -> 0.87
-# s, +19 s); 294 at the smoke preset's (T=128 / batch 8x2 / vocab 1024: 0.45 -> 0.40 s, +17 s). 150 compiles
-# the cpu preset (600 steps) and never the smoke (20). On CUDA compiling always pays.
-CPU_COMPILE_MIN_STEPS = 150
-CPU_COMPILE_NOTE = "compiling on 2 CPU cores pays after 16-294 steps by model size"
+# enough. Break-even steps measured on a 2-core x86 VM (torch 2.13.0+cpu, freed memory retained as
+# compute_init sets it) with `python -m bench.train_throughput --compare-compile`, all d4, inductor's cache
+# cold: 167 at the cpu preset's size (T=256 / batch 16 / vocab 4096: 1.26 -> 0.98 s a step, 47 s more for
+# the first); 626 at the smoke preset's (T=128 / batch 8x2 / vocab 1024: 0.50 -> 0.43 s, +46 s); at
+# T=256 / batch 8x2 / vocab 32768 3.06 -> 2.49 s a step. 200 compiles the cpu preset (600 steps) and never
+# the smoke (20). On CUDA compiling always pays.
+CPU_COMPILE_MIN_STEPS = 200
+CPU_COMPILE_NOTE = "compiling on 2 CPU cores pays after ~170 steps at the cpu preset's size"
 
 
 def decide_compile(mode: str, device_type: str, planned_steps: int) -> tuple[bool, str]:
