@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from model.common import COMPUTE_DTYPE, autodetect_device_type, get_peak_flops
+from model.common import COMPUTE_DTYPE, autodetect_device_type, get_peak_flops, retain_freed_cpu_memory
 from model.gpt import GPTConfig, build_model
 from model.sizing import ModelShape
 
@@ -242,6 +242,8 @@ def main() -> None:
         return
 
     device = torch.device(autodetect_device_type())
+    if device.type == "cpu":  # as model.train's compute_init does
+        print(retain_freed_cpu_memory(), file=sys.stderr)
     if args.compile is None:
         args.compile = device.type == "cuda"
     if device.type == "cuda":
