@@ -17,7 +17,8 @@ smoke/cpu presets' small-batch LRs (--lr-multiplier); the tokenizer is trained o
 eager_ms_per_step, compiled_ms_per_step (medians over steps >= 11), eager_tok_per_sec, compiled_tok_per_sec,
 compile_first_step_s (the compiled run's step 0), eager_first_step_s, speedup, eager_val_bpb,
 compiled_val_bpb (at the last step), val_bpb_rel_diff, break_even_steps (the step count at which compiling
-has paid for its first step).
+has paid for its first step). Both runs use an empty inductor cache, so the compiled first step includes the
+whole compile; --warm-inductor-cache uses the user's instead.
 
 Keys: device, depth, tok_per_sec, ms_per_step (medians), and on CUDA mfu (bf16 dense peak, as the reference)
 and, with --fp8-compare, fp8_speedup (bf16 ms / fp8 ms for the model) and fp8_mlp_gemm_speedup_d26
@@ -147,8 +148,9 @@ def bench_tokenizer(data_dir: Path, vocab_size: int, out: Path, max_chars: int =
     return out
 
 
-def train_run(args, out_dir: Path, tokenizer_dir: Path, compile_mode: str) -> dict:
-    """One `python -m model.train` run; its per-step times and val bpb from metrics.jsonl."""
+def train_run(args, out_dir: Path, tokenizer_dir: Path, compile_mode: str, inductor_cache: Path | None) -> dict:
+    """One `python -m model.train` run; its per-step times and val bpb from metrics.jsonl. `inductor_cache`:
+    an empty TORCHINDUCTOR_CACHE_DIR, so the first step pays the whole compile (None: the user's cache)."""
     cmd = [sys.executable, "-m", "model.train", f"--depth={args.depth}", f"--aspect-ratio={args.aspect_ratio}",
            f"--head-dim={args.head_dim}", f"--max-seq-len={args.max_seq_len}",
            f"--window-pattern={args.window_pattern}", f"--device-batch-size={args.device_batch_size}",
@@ -160,6 +162,8 @@ def train_run(args, out_dir: Path, tokenizer_dir: Path, compile_mode: str) -> di
     if args.device_type:
         cmd.append(f"--device-type={args.device_type}")
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
+    if inductor_cache is not None:
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(inductor_cache)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -184,8 +188,9 @@ def compare_compile(args) -> dict:
         t0 = time.perf_counter()
         tokenizer_dir = args.tokenizer_dir or bench_tokenizer(args.data_dir, args.vocab_size, tmp / "tokenizer")
         tokenizer_s = time.perf_counter() - t0
-        eager = train_run(args, tmp / "eager", tokenizer_dir, "off")
-        compiled = train_run(args, tmp / "compiled", tokenizer_dir, "on")
+        cache = None if args.warm_inductor_cache else tmp / "inductor-cache"
+        eager = train_run(args, tmp / "eager", tokenizer_dir, "off", cache)
+        compiled = train_run(args, tmp / "compiled", tokenizer_dir, "on", cache)
     saved_s = (eager["ms_per_step"] - compiled["ms_per_step"]) / 1000
     extra_first_s = compiled["first_step_s"] - eager["first_step_s"]
     return {
@@ -200,6 +205,7 @@ def compare_compile(args) -> dict:
         "val_bpb_rel_diff": abs(compiled["val_bpb"] - eager["val_bpb"]) / eager["val_bpb"],
         "val_bpb_step0": eager["val_bpb_step0"], "lr_multiplier": args.lr_multiplier,
         "break_even_steps": extra_first_s / saved_s if saved_s > 0 else None,
+        "inductor_cache": "warm (the user's)" if args.warm_inductor_cache else "cold (empty)",
         "eager_wall_s": eager["wall_s"], "compiled_wall_s": compiled["wall_s"],
         "compile_fallback": compiled["compile_fallback"], "tokenizer_s": tokenizer_s,
         "load_average_1m": os.getloadavg()[0],  # other processes on the machine skew CPU timings
@@ -228,6 +234,9 @@ def main() -> None:
     p.add_argument("--tokenizer-dir", type=Path, default=None,
                    help="--compare-compile: a tokenizer directory (default: train one of --vocab-size)")
     p.add_argument("--device-type", default="", help="--compare-compile: cuda|cpu; empty = autodetect")
+    p.add_argument("--warm-inductor-cache", action="store_true",
+                   help="--compare-compile: use the user's inductor cache (default: an empty one, so "
+                        "compile_first_step_s and break_even_steps count the whole compile)")
     p.add_argument("--lr-multiplier", type=float, default=SMALL_BATCH_LR_MULTIPLIER,
                    help="--compare-compile: x the reference LRs (default 8, as the smoke/cpu presets; 1 = reference)")
     args = p.parse_args()
