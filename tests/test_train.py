@@ -146,24 +146,24 @@ def test_prune_checkpoints_keeps_the_newest_complete_ones(tmp_path):
     assert ckpt.last_complete_step(tmp_path) == 12
 
 
-FAULTS_OF_A_SECOND_256MB_TENSOR = """
+FAULTS_OF_A_TENSOR_AFTER_A_FREED_ONE = """
 import resource, torch
 from model.common import compute_init
 compute_init("cpu")
 torch.empty(64 * 2**20).fill_(1.0)  # 256 MB, touched, then freed
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-torch.empty(64 * 2**20).fill_(1.0)
+torch.empty(63 * 2**20).fill_(1.0)  # 252 MB: fits in the freed block (an equal size may not: posix_memalign asks more)
 print("faults", resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the allocator setting is glibc's (Linux)")
 def test_cpu_processes_reuse_freed_memory_instead_of_faulting_it_in_again():
-    """compute_init('cpu') keeps freed heap blocks in the process: a 256 MB tensor allocated again after one is
-    freed reuses its pages (no page faults), where glibc's default maps fresh pages (65536 faults of 4 KiB,
-    or 128 of 2 MiB with transparent huge pages). glibc's own malloc variables turn it off."""
+    """compute_init('cpu') keeps freed heap blocks in the process: a 252 MB tensor allocated after a 256 MB one
+    is freed reuses its pages (no page faults), where glibc's default maps fresh pages (64512 faults of 4 KiB,
+    or 126 of 2 MiB with transparent huge pages). glibc's own malloc variables turn it off."""
     def run(**env):
-        proc = subprocess.run([sys.executable, "-c", FAULTS_OF_A_SECOND_256MB_TENSOR], cwd=REPO_ROOT,
+        proc = subprocess.run([sys.executable, "-c", FAULTS_OF_A_TENSOR_AFTER_A_FREED_ONE], cwd=REPO_ROOT,
                               env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **env},
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
