@@ -131,7 +131,7 @@ def print0(*args, **kwargs) -> None:
 # glibc's allocator serves every block over 32 MiB with a fresh mmap and unmaps it on free, so on CPU each
 # micro-step's B*T*vocab logits, their softcap and their gradient (268 MB each at T=256 x 8 x vocab 32768) are
 # page-faulted and zeroed by the kernel again: 65k faults, ~65 ms for each such tensor on this 2-core VM.
-# With mmap off and trimming off, freed blocks stay in the heap and the next step reuses their pages.
+# With mmap off and trimming only past 2 GiB free, freed blocks stay in the heap and the next step reuses them.
 # `python -m bench.train_throughput --compare-compile` (d4 / T=256 / batch 8x2 / vocab 32768): eager 5.07 ->
 # 3.06 s a step, compiled 3.06 -> 2.49 s, the same losses bit for bit. The cost: the process keeps its peak
 # heap (eager at that size: ~5 GB resident instead of a ~2.4 GB peak), as a GPU caching allocator keeps its
@@ -141,8 +141,9 @@ MALLOC_ENV_VARS = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_TH
 
 
 def retain_freed_cpu_memory(environ: Mapping[str, str] | None = None) -> str:
-    """Keep freed heap memory in this process (glibc mallopt: no mmap for large blocks, never trim the
-    heap), so a training step reuses the pages of the step before instead of faulting in fresh ones.
+    """Keep freed heap memory in this process (glibc mallopt: no mmap for large blocks, trim the heap only
+    past 2 GiB free at its top), so a training step reuses the pages of the step before instead of faulting
+    in fresh ones.
     Left as is where the C library is not glibc or the user has set glibc's malloc environment variables
     (MALLOC_MMAP_MAX_=65536 restores the default). Returns what it did, for the log."""
     environ = os.environ if environ is None else environ
