@@ -132,8 +132,8 @@ def print0(*args, **kwargs) -> None:
 # micro-step's B*T*vocab logits, their softcap and their gradient (268 MB each at T=256 x 8 x vocab 32768) are
 # page-faulted and zeroed by the kernel again: 65k faults, ~65 ms for each such tensor on this 2-core VM.
 # With mmap off and trimming only past 2 GiB free, freed blocks stay in the heap and the next step reuses them.
-# `python -m bench.train_throughput --compare-compile` (d4 / T=256 / batch 8x2 / vocab 32768): eager 5.07 ->
-# 3.06 s a step, compiled 3.06 -> 2.49 s, the same losses bit for bit. The cost: the process keeps its peak
+# Side by side at d4 / T=256 / batch 8x2 / vocab 32768 (runs with and without it alternating): eager 6.5 ->
+# 3.1 s a step, compiled 3.2-3.4 -> 2.7-2.8 s, the same losses bit for bit. The cost: the process keeps its peak
 # heap (eager at that size: ~5 GB resident instead of a ~2.4 GB peak), as a GPU caching allocator keeps its
 # blocks. (docs/model.md#cpu-memory)
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc <malloc.h> mallopt parameters
@@ -194,8 +194,8 @@ def compute_init(device_type: str) -> tuple[bool, int, int, int, torch.device]:
 # enough. Break-even steps measured on a 2-core x86 VM (torch 2.13.0+cpu, freed memory retained as
 # compute_init sets it) with `python -m bench.train_throughput --compare-compile`, all d4, inductor's cache
 # cold: 167 at the cpu preset's size (T=256 / batch 16 / vocab 4096: 1.26 -> 0.98 s a step, 47 s more for
-# the first); 626 at the smoke preset's (T=128 / batch 8x2 / vocab 1024: 0.50 -> 0.43 s, +46 s); at
-# T=256 / batch 8x2 / vocab 32768 3.06 -> 2.49 s a step. 200 compiles the cpu preset (600 steps) and never
+# the first); 626 at the smoke preset's (T=128 / batch 8x2 / vocab 1024: 0.50 -> 0.43 s, +46 s); 66 at
+# T=256 / batch 8x2 / vocab 32768 (3.45 -> 2.64 s, +54 s). 200 compiles the cpu preset (600 steps) and never
 # the smoke (20). On CUDA compiling always pays.
 CPU_COMPILE_MIN_STEPS = 200
 CPU_COMPILE_NOTE = "compiling on 2 CPU cores pays after ~170 steps at the cpu preset's size"
