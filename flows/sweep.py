@@ -151,7 +151,9 @@ def run_cells_on_pool(parameters: dict[str, dict], deployment: str) -> dict[str,
         except BaseException:
             for name, run_id in submitted.items():
                 if name not in runs:
-                    client.set_flow_run_state(run_id, Cancelling(message="the sweep stopped waiting"), force=True)
+                    # Not forced: a cell that ended since the last poll keeps its end (Cancelling forced over a
+                    # final state is never finished), and one no worker has started goes straight to Cancelled.
+                    client.set_flow_run_state(run_id, Cancelling(message="the sweep stopped waiting"))
             raise
     return runs
 

@@ -257,15 +257,24 @@ class NodeRuns:
         if not self.ids:
             return
         from prefect.client.orchestration import get_client
+        from prefect.client.schemas.responses import SetStateStatus
         from prefect.states import Cancelling
 
         try:
             self.poll(force=True)
             with get_client(sync_client=True) as client:
                 for rank, run_id in self.ids.items():
-                    if rank not in self.final:
-                        client.set_flow_run_state(run_id, Cancelling(message=reason), force=True)
+                    if rank in self.final:
+                        continue
+                    # Not forced: a node run that ended since the poll keeps its end. Cancelling forced over a
+                    # final state is never finished (no process is left for the worker to cancel).
+                    result = client.set_flow_run_state(run_id, Cancelling(message=reason))
+                    if result.status == SetStateStatus.ACCEPT:
                         self.log(f"node {rank}: cancelled its run {run_id} ({reason})")
+                    else:
+                        state = client.read_flow_run(run_id).state
+                        self.log(f"node {rank}: its run {run_id} had already ended "
+                                 f"({state.name if state else 'no state'}: {state.message if state else ''})")
         except Exception as exc:  # the stage's own error is the one to report; the nodes time out regardless
             self.log(f"could not cancel the node runs ({exc}); their ranks stop within runtime.rdzv_timeout_s")
 
@@ -313,6 +322,29 @@ def run_node(stage: str, node_rank: int, launch: dict, log) -> None:
                  nnodes=launch["nnodes"], node_rank=node_rank, rdzv_endpoint=launch["rdzv_endpoint"],
                  rdzv_conf=rdzv_conf(False, launch["rdzv_timeout_s"]), watch=_parent_watch(launch["parent_flow_run"]),
                  **launch["torchrun"])
+
+
+def stopped_by_node0(launch: dict) -> str | None:
+    """Why this node run ends Cancelled rather than Failed, or None when its own failure is the news.
+
+    A node run whose ranks stopped because node 0's stage stopped is cancelled, not failed: node 0 moved it to
+    Cancelling (and then the server accepts no other end: a Failed proposal is rejected and the run would stay
+    Cancelling for good), or node 0's run is ending, which stopped these ranks or failed their collectives."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    try:
+        with get_client(sync_client=True) as client:
+            own = client.read_flow_run(flow_run.id).state if flow_run.id else None
+            parent_id = launch.get("parent_flow_run")
+            parent = client.read_flow_run(parent_id).state if parent_id else None
+    except Exception:  # no server to ask: report the node's own error
+        return None
+    if own is not None and own.type.value == "CANCELLING":
+        return f"cancelled by node 0 ({own.message})"
+    if parent is not None and parent.type.value in ("CANCELLING", "CANCELLED", "FAILED", "CRASHED"):
+        return f"node 0's flow run {parent_id} is {parent.name}"
+    return None
 
 
 def _parent_watch(parent_id: str | None):

@@ -8,8 +8,8 @@ flow started on node 0 with `runtime.nnodes=2`. Gloo on 127.0.0.1, one rank per 
   and the error names node 1.
 - Running the flow again (the retry) resumes from the last complete checkpoint on both nodes and completes.
 - The final weights equal those of the same run on one node with two ranks (`nproc_per_node=2`) within 1e-5.
-- `prefect deployment run speedrun/smoke` with two nodes, cancelled mid-training: both flow runs end and every
-  rank on both nodes exits.
+- `prefect deployment run speedrun/smoke` with two nodes, cancelled mid-training: both flow runs end Cancelled
+  and every rank on both nodes exits.
 - A missing node queue or node deployment fails the run before any stage, naming the fix.
 
 And without a server: a node that does not see node 0's files (no shared store) or runs other model code fails
@@ -203,7 +203,8 @@ def test_cancelling_the_deployment_run_cancels_every_node_and_kills_every_rank(c
         assert wait_final(client, run_id, timeout_s=120, worker_log=cluster.logs["node-0"]).state.type.value == \
             "CANCELLED"
         node1 = wait_final(client, str(node1.id), timeout_s=120, worker_log=cluster.logs["node-1"])
-        assert node1.state.type.value in ("CANCELLED", "FAILED", "CRASHED"), node1.state
+        # cancelled, not failed: its ranks stopped because node 0's did (tests/test_node_runs.py has the races)
+        assert node1.state.type.value == "CANCELLED", node1.state
         deadline = time.monotonic() + 90
         # every agent and rank training into this store, on both nodes, exits (they save, then go); other tests
         # may be training on this machine at the same time (two workers), into stores of their own
