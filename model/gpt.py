@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from ops.attention import active as attention_backend
 from ops.attention import flash_attn_func, flash_attn_with_kvcache
+from ops.cpu_matmul import onednn_linear, onednn_linear_usable
 from model.common import COMPUTE_DTYPE
 from model.selected_positions import block_at_positions, gather_positions
 from model.sizing import (SMEAR_GATE_INPUTS, VE_GATE_INPUTS, padded_vocab, value_embedding_layers,
@@ -76,6 +77,17 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight.to(x.dtype))
+
+
+class VocabProjection(Linear):
+    """The lm_head: a Linear whose fp32 GEMMs run through oneDNN on CPU, where MKL is slower for this shape
+    (ops/cpu_matmul.py, docs/model.md#cpu-lm-head); elsewhere exactly Linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.to(x.dtype)
+        if not onednn_linear_usable(x, weight):
+            return F.linear(x, weight)
+        return onednn_linear(x.reshape(-1, x.size(-1)), weight).view(*x.shape[:-1], weight.size(0))
 
 
 class Embedding(nn.Embedding):
@@ -187,7 +199,7 @@ class GPT(nn.Module):
             "wte": Embedding(V, C),
             "h": nn.ModuleList(Block(config, i, i in self.ve_layers) for i in range(config.n_layer)),
         })
-        self.lm_head = Linear(C, V)
+        self.lm_head = VocabProjection(C, V)
         self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
         self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
         self.smear_gate = Linear(SMEAR_GATE_INPUTS, 1)

@@ -1,0 +1,70 @@
+"""Benchmark: the lm_head's three fp32 GEMMs on CPU, MKL (torch's default) against oneDNN (ops/cpu_matmul.py).
+
+    python -m bench.cpu_matmul                              # d4 training shapes: 2048 tokens, width 256, vocab 32768
+    python -m bench.cpu_matmul --tokens 4096 --width 512    # other shapes
+
+Times, side by side in one process, the forward (x @ W.T), grad_x (g @ W) and grad_W (g.T @ x) both ways, the
+median of --repeats calls after two warm-up calls each, and prints one JSON: per GEMM `mkl_ms`, `onednn_ms` and
+`speedup` (mkl / onednn), `total_speedup`, and `max_rel_diff` (the largest difference between the two results,
+relative to the largest magnitude; fp32 rounding, ~1e-6). Freed memory is kept for reuse as in training
+(model.common.retain_freed_cpu_memory), so neither side pays page faults for its output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from model.common import retain_freed_cpu_memory
+from ops.cpu_matmul import onednn_linear
+
+
+def median_ms(fn, repeats: int) -> float:
+    fn(), fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, default=2048, help="rows of x: device batch x sequence length")
+    p.add_argument("--width", type=int, default=256, help="model width (K)")
+    p.add_argument("--vocab", type=int, default=32768, help="padded vocabulary (N)")
+    p.add_argument("--repeats", type=int, default=7)
+    args = p.parse_args()
+    retain_freed_cpu_memory()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.tokens, args.width, generator=g)
+    w = torch.randn(args.vocab, args.width, generator=g) * 0.02
+    grad = torch.randn(args.tokens, args.vocab, generator=g) * 1e-3
+    gemms = {  # name: (MKL, oneDNN), the same product
+        "forward": (lambda: x @ w.t(), lambda: onednn_linear(x, w)),
+        "grad_x": (lambda: grad @ w, lambda: onednn_linear(grad, w.t())),
+        "grad_w": (lambda: grad.t() @ x, lambda: onednn_linear(x.t(), grad.t()).t()),
+    }
+    out = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+           "shape": {"tokens": args.tokens, "width": args.width, "vocab": args.vocab}}
+    worst = 0.0
+    with torch.no_grad():
+        for name, (mkl, onednn) in gemms.items():
+            mkl_ms, onednn_ms = median_ms(mkl, args.repeats), median_ms(onednn, args.repeats)
+            a, b = mkl(), onednn()
+            worst = max(worst, ((a - b).abs().max() / a.abs().max()).item())
+            out[name] = {"mkl_ms": round(mkl_ms, 1), "onednn_ms": round(onednn_ms, 1),
+                         "speedup": round(mkl_ms / onednn_ms, 3)}
+    total = [sum(out[name][side] for name in gemms) for side in ("mkl_ms", "onednn_ms")]
+    out["total_speedup"] = round(total[0] / total[1], 3)
+    out["max_rel_diff"] = worst
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
