@@ -192,13 +192,13 @@ def compute_init(device_type: str) -> tuple[bool, int, int, int, torch.device]:
 # --compile auto on CPU: compiling the model and the optimizer's step functions costs a long first step
 # (inductor builds C++ kernels) and then saves a fixed time per step; it pays only when the run is long
 # enough. Break-even steps measured on a 2-core x86 VM (torch 2.13.0+cpu, freed memory retained as
-# compute_init sets it) with `python -m bench.train_throughput --compare-compile`, all d4, inductor's cache
-# cold: 167 at the cpu preset's size (T=256 / batch 16 / vocab 4096: 1.26 -> 0.98 s a step, 47 s more for
-# the first); 626 at the smoke preset's (T=128 / batch 8x2 / vocab 1024: 0.50 -> 0.43 s, +46 s); 66 at
-# T=256 / batch 8x2 / vocab 32768 (3.45 -> 2.64 s, +54 s). 200 compiles the cpu preset (600 steps) and never
-# the smoke (20). On CUDA compiling always pays.
-CPU_COMPILE_MIN_STEPS = 200
-CPU_COMPILE_NOTE = "compiling on 2 CPU cores pays after ~170 steps at the cpu preset's size"
+# compute_init sets it, the lm_head through oneDNN) with `python -m bench.train_throughput --compare-compile`,
+# all d4, inductor's cache cold: 366 at the cpu preset's size (T=256 / batch 16 / vocab 4096: 1.24 -> 1.08 s a
+# step, 61 s more for the first); 280 at T=256 / batch 8x2 / vocab 32768 (2.76 -> 2.58 s, +50 s). Before the
+# oneDNN lm_head sped eager up more than compiled: 167 and 66; smoke's size (T=128 / batch 8x2 / vocab 1024)
+# then 626. 400 compiles the cpu preset (600 steps) and never the smoke (20). On CUDA compiling always pays.
+CPU_COMPILE_MIN_STEPS = 400
+CPU_COMPILE_NOTE = "compiling on 2 CPU cores pays after ~370 steps at the cpu preset's size"
 
 
 def decide_compile(mode: str, device_type: str, planned_steps: int) -> tuple[bool, str]:
