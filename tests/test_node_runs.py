@@ -24,10 +24,11 @@ def node0_stand_in() -> None:
     """Only its flow runs are used: they stand for node 0's run, whose state the node runs watch."""
 
 
-def node_runs_for(run_id, log):
+def node_runs_for(run_id, log, kind=None):
+    """Node 0's NodeRuns (or a subclass `kind`) holding one node run, node 1's."""
     from tasks.nodes import NodeRuns
 
-    runs = NodeRuns("pretrain", {"queues": ["node-1"]}, log)
+    runs = (kind or NodeRuns)("pretrain", {"queues": ["node-1"]}, log)
     runs.ids[1] = str(run_id)
     return runs
 
@@ -48,9 +49,7 @@ def test_a_node_run_that_fails_just_before_node0_cancels_it_stays_failed(prefect
                 client.set_flow_run_state(node1.id, Failed(message="its ranks failed"))
                 return states
 
-        runs = NodeFinishesAfterThePoll("pretrain", {"queues": ["node-1"]}, logged.append)
-        runs.ids[1] = str(node1.id)
-        runs.cancel_unfinished("node 0 of pretrain stopped")
+        node_runs_for(node1.id, logged.append, NodeFinishesAfterThePoll).cancel_unfinished("node 0 of pretrain stopped")
         state = client.read_flow_run(node1.id).state
     assert state.type.value == "FAILED" and state.message == "its ranks failed", state
     assert any("node 1" in line and "Failed" in line for line in logged), logged

@@ -30,10 +30,15 @@ def test_a_sweep_that_stops_waiting_cancels_its_cells_and_keeps_a_cell_that_just
         runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
         return {run.parameters["n"]: run for run in runs}
 
+    seen_both = []
+
     def stop(signum, frame):
         with get_client(sync_client=True) as client:
             submitted = cells(client)
-            if len(submitted) < 2:  # still submitting: the sweep is not waiting yet
+            # Raise only a tick after both cells exist: by then the sweep is in its wait (POLL_S sleeps), not
+            # between its last submission and the try that cancels on the way out.
+            if len(submitted) < 2 or not seen_both:
+                seen_both.extend([True] if len(submitted) == 2 else [])
                 signal.setitimer(signal.ITIMER_REAL, 0.5)
                 return
             client.set_flow_run_state(submitted[0].id, Failed(message="cell 0 failed"))  # ended since the last poll
