@@ -196,7 +196,10 @@ def compute_init(device_type: str) -> tuple[bool, int, int, int, torch.device]:
 # all d4, inductor's cache cold: 366 at the cpu preset's size (T=256 / batch 16 / vocab 4096: 1.24 -> 1.08 s a
 # step, 61 s more for the first); 280 at T=256 / batch 8x2 / vocab 32768 (2.76 -> 2.58 s, +50 s). Before the
 # oneDNN lm_head sped eager up more than compiled: 167 and 66; smoke's size (T=128 / batch 8x2 / vocab 1024)
-# then 626. 400 compiles the cpu preset (600 steps) and never the smoke (20). On CUDA compiling always pays.
+# then 626. Re-measured after the lm_head stopped breaking the compiled graph (ops/cpu_matmul.py), on a day this
+# VM ran ~15% slower: 156 at vocab 32768 (3.37 -> 2.96 s, +65 s) but 614 at the cpu preset's size (1.36 -> 1.26 s,
+# +63 s): at 600 steps it is about even there, and the day-to-day spread is as wide as that. 400 compiles the
+# cpu preset (600 steps) and never the smoke (20). On CUDA compiling always pays.
 CPU_COMPILE_MIN_STEPS = 400
 CPU_COMPILE_NOTE = "compiling on 2 CPU cores pays after ~370 steps at the cpu preset's size"
 

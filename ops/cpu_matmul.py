@@ -16,11 +16,16 @@ from __future__ import annotations
 
 import torch
 
+# Read once: torch.compile cannot trace torch.backends.mkldnn.is_available() (dynamo skips torch.backends), so a
+# call in the forward split the compiled model in two at the lm_head, and the softcap and the loss into separate
+# kernels with the logits written and read in between.
+ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available()
+
 
 def onednn_linear_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether onednn_linear can take these: fp32 CPU tensors, on a torch built with oneDNN."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and torch.backends.mkldnn.is_available())
+            and ONEDNN_AVAILABLE)
 
 
 def _onednn_mm_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -228,6 +228,19 @@ def test_backward_reaches_every_parameter(model):
         assert torch.count_nonzero(p.grad) > 0, name
 
 
+
+def test_the_training_step_compiles_as_one_graph():
+    """`torch.compile(model)` must see the whole loss, lm_head and softcap included, as one graph: a graph break
+    there (once, a torch.backends call in the lm_head) splits the softcap from the loss and writes the B*T x vocab
+    logits out and back in between, ~6% of a CPU training step. fullgraph=True raises on any break."""
+    m = small_model(n_layer=2, window_pattern="SL")
+    idx = torch.randint(0, 512, (2, 16))
+    eager = m(idx, idx)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")(idx, idx)  # traces the backward too
+    compiled.backward()
+    assert abs(compiled.item() - eager.item()) <= 1e-5 * abs(eager.item())
+    assert m.lm_head.weight.grad is not None
+
 def _window_pair(T: int):
     sliding = small_model(seed=3, sequence_len=T, n_layer=2, window_pattern="SL")
     full = small_model(seed=3, sequence_len=T, n_layer=2, window_pattern="L")
