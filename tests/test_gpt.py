@@ -233,8 +233,9 @@ def test_the_training_step_compiles_as_one_graph():
     """`torch.compile(model)` must see the whole loss, lm_head and softcap included, as one graph: a graph break
     there (once, a torch.backends call in the lm_head) splits the softcap from the loss and writes the B*T x vocab
     logits out and back in between, ~6% of a CPU training step. fullgraph=True raises on any break."""
-    m = small_model(n_layer=2, window_pattern="SL")
-    idx = torch.randint(0, 512, (2, 16))
+    m = small_model(n_layer=2, window_pattern="SL", sequence_len=256)  # the short window masks: T > 128
+    assert m.window_sizes[0] < 256
+    idx = torch.randint(0, 512, (1, 256))
     eager = m(idx, idx)
     compiled = torch.compile(m, fullgraph=True, backend="aot_eager")(idx, idx)  # traces the backward too
     compiled.backward()
