@@ -191,15 +191,14 @@ def compute_init(device_type: str) -> tuple[bool, int, int, int, torch.device]:
 
 # --compile auto on CPU: compiling the model and the optimizer's step functions costs a long first step
 # (inductor builds C++ kernels) and then saves a fixed time per step; it pays only when the run is long
-# enough. Break-even steps measured on a 2-core x86 VM (torch 2.13.0+cpu, freed memory retained as
-# compute_init sets it, the lm_head through oneDNN) with `python -m bench.train_throughput --compare-compile`,
-# all d4, inductor's cache cold: 366 at the cpu preset's size (T=256 / batch 16 / vocab 4096: 1.24 -> 1.08 s a
-# step, 61 s more for the first); 280 at T=256 / batch 8x2 / vocab 32768 (2.76 -> 2.58 s, +50 s). Before the
-# oneDNN lm_head sped eager up more than compiled: 167 and 66; smoke's size (T=128 / batch 8x2 / vocab 1024)
-# then 626. Re-measured after the lm_head stopped breaking the compiled graph (ops/cpu_matmul.py), on a day this
-# VM ran ~15% slower: 156 at vocab 32768 (3.37 -> 2.96 s, +65 s) but 614 at the cpu preset's size (1.36 -> 1.26 s,
-# +63 s): at 600 steps it is about even there, and the day-to-day spread is as wide as that. 400 compiles the
-# cpu preset (600 steps) and never the smoke (20). On CUDA compiling always pays.
+# enough. Break-even steps on a 2-core x86 VM (torch 2.13.0+cpu), d4, inductor's cache cold, measured with
+# `python -m bench.train_throughput --compare-compile` at the cpu preset's size (T=256 / batch 16 / vocab 4096)
+# and at T=256 / batch 8x2 / vocab 32768, on two days:
+#   366 (1.24 -> 1.08 s a step, +61 s for the first) and 280 (2.76 -> 2.58 s, +50 s);
+#   614 (1.36 -> 1.26 s, +63 s) and 156 (3.37 -> 2.96 s, +65 s), on a day this VM ran ~15% slower, with the
+#   lm_head no longer breaking the compiled graph (ops/cpu_matmul.py).
+# The day-to-day spread is as wide as the difference. 400 compiles the cpu preset (600 steps) and never the
+# smoke (20). On CUDA compiling always pays.
 CPU_COMPILE_MIN_STEPS = 400
 CPU_COMPILE_NOTE = "compiling on 2 CPU cores pays after ~370 steps at the cpu preset's size"
 

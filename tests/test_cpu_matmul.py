@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ops.cpu_matmul import onednn_linear, onednn_linear_usable
+from ops.cpu_matmul import ONEDNN_AVAILABLE, onednn_linear, onednn_linear_usable
 
-pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+pytestmark = pytest.mark.skipif(not ONEDNN_AVAILABLE, reason="torch built without oneDNN")
 
 
 def close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -95,3 +95,13 @@ def test_evaluation_forward_never_imports_dynamo():
             "print(json.dumps('torch._dynamo' in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) is False, out.stderr
+
+
+def test_the_bench_times_both_ways_and_they_agree():
+    """bench/cpu_matmul.py at a tiny shape: every key of its JSON, and the two libraries' products equal."""
+    out = subprocess.run([sys.executable, "-m", "bench.cpu_matmul", "--tokens", "64", "--width", "32", "--vocab", "256",
+                          "--repeats", "1"], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout)
+    for gemm in ("forward", "grad_x", "grad_w"):
+        assert result[gemm]["mkl_ms"] >= 0 and result[gemm]["onednn_ms"] >= 0 and result[gemm]["speedup"] > 0
+    assert result["total_speedup"] > 0 and result["max_rel_diff"] <= 1e-5

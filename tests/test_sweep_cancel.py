@@ -38,7 +38,8 @@ def test_a_sweep_that_stops_waiting_cancels_its_cells_and_keeps_a_cell_that_just
             # Raise only a tick after both cells exist: by then the sweep is in its wait (POLL_S sleeps), not
             # between its last submission and the try that cancels on the way out.
             if len(submitted) < 2 or not seen_both:
-                seen_both.extend([True] if len(submitted) == 2 else [])
+                if len(submitted) == 2:
+                    seen_both.append(True)
                 signal.setitimer(signal.ITIMER_REAL, 0.5)
                 return
             client.set_flow_run_state(submitted[0].id, Failed(message="cell 0 failed"))  # ended since the last poll
