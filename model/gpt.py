@@ -34,6 +34,7 @@ from model.common import COMPUTE_DTYPE
 from model.selected_positions import block_at_positions, gather_positions
 from model.sizing import (SMEAR_GATE_INPUTS, VE_GATE_INPUTS, padded_vocab, value_embedding_layers,
                           window_sizes)
+from model.softcap import bounded_cross_entropy, softcap
 
 ROPE_BASE = 100_000
 ROPE_LENGTH_FACTOR = 10  # cos/sin are precomputed for 10 x sequence_len positions
@@ -262,8 +263,8 @@ class GPT(nn.Module):
         logits = self.logits(self.hidden_states(idx, kv_cache))
         if targets is None:
             return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
-                               reduction=loss_reduction)
+        return bounded_cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), bound=SOFTCAP,
+                                     ignore_index=-1, reduction=loss_reduction)
 
     def embed_tokens(self, idx: torch.Tensor) -> torch.Tensor:
         """The normalised token embeddings the blocks start from (before smear), in COMPUTE_DTYPE."""
@@ -309,7 +310,7 @@ class GPT(nn.Module):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """fp32 logits over the real vocabulary (padding sliced off first), soft-capped at SOFTCAP."""
         logits = self.lm_head(x)[..., :self.config.vocab_size].float()
-        return SOFTCAP * torch.tanh(logits / SOFTCAP)
+        return softcap(logits, SOFTCAP)
 
     def _cached_rotary(self, kv_cache, B: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for positions pos .. pos+T-1, pos = the cache position (of each row when rows differ)."""
