@@ -77,12 +77,17 @@ class Linear(nn.Linear):
         """Nothing: GPT.init_weights initialises every weight (see Embedding)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.to(x.dtype))
+        weight = self.weight.to(x.dtype)
+        if weight.requires_grad and torch.is_grad_enabled() and onednn_linear_usable(x, weight):
+            # fp32 training on CPU: forward and grad_x through oneDNN (docs/model.md#cpu-linear-layers)
+            return onednn_linear(x.reshape(-1, x.size(-1)), weight, onednn_grad_weight=False).view(
+                *x.shape[:-1], weight.size(0))
+        return F.linear(x, weight)
 
 
 class VocabProjection(Linear):
-    """The lm_head: a Linear whose fp32 GEMMs run through oneDNN on CPU, where MKL is slower for this shape
-    (ops/cpu_matmul.py, docs/model.md#cpu-lm-head); elsewhere exactly Linear."""
+    """The lm_head: a Linear whose three fp32 GEMMs run through oneDNN on CPU, also without autograd, where MKL
+    is slower for this shape (ops/cpu_matmul.py, docs/model.md#cpu-linear-layers); elsewhere exactly Linear."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight.to(x.dtype)

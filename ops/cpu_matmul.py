@@ -1,15 +1,18 @@
-"""The vocabulary projection's fp32 GEMMs on CPU through oneDNN instead of MKL (docs/model.md#cpu-lm-head).
+"""The model's fp32 GEMMs on CPU through oneDNN instead of MKL, where that is faster (docs/model.md#cpu-linear-layers).
 
-On CPU, `F.linear` goes to MKL. For the lm_head (N = the vocabulary, K = the model width) oneDNN runs all three
-GEMMs of a training step faster on the AMD EPYC (Zen 4) machines this project is tested on: at d4 shapes
-(2048 x 256 x 32768, 2 threads) ~190 against ~250 ms each (`python -m bench.cpu_matmul`). For the model's
-smaller layers oneDNN's grad_W is the slower one, so only the lm_head uses this. The results are the same fp32
-products summed in another order.
+On CPU, `F.linear` goes to MKL, which picks its kernels by CPU vendor; oneDNN (in the same torch build) picks them by
+instruction set, and on the AMD EPYC (Zen 4) machines this project is tested on it is the faster of the two for
+most of a training step's GEMMs (`python -m bench.cpu_matmul`, 2 threads, d4 at T=256, batch 8):
+- the lm_head (2048 x 256 x 32768): all three GEMMs, ~190 against ~250-360 ms each;
+- the blocks' layers (256 <-> 256, 768, 1024 wide): the forward and grad_x, 20-40% faster; grad_W is not (MKL is
+  ~10% ahead there), so `onednn_grad_weight=False` leaves it to torch's mm.
+The results are the same fp32 products summed in another order.
 
-`onednn_linear(x, weight)` is x @ weight.T for 2-D fp32 CPU tensors. With autograd it is a custom op, so
-torch.compile keeps it whole (inductor's own lowering of the oneDNN op expects prepacked inference weights);
-without (evaluation) it calls oneDNN directly, because a custom op's first call imports torch._dynamo, a second
-of every evaluation process's start (tests/test_gpt.py::test_an_evaluation_process_never_imports_dynamo).
+`onednn_linear(x, weight, onednn_grad_weight=True)` is x @ weight.T for 2-D fp32 CPU tensors. With autograd it is
+a custom op, so torch.compile keeps it whole (inductor's own lowering of the oneDNN op expects prepacked
+inference weights); without (evaluation) it calls oneDNN directly, because a custom op's first call imports
+torch._dynamo, a second of every evaluation process's start
+(tests/test_gpt.py::test_an_evaluation_process_never_imports_dynamo).
 """
 
 from __future__ import annotations
@@ -35,31 +38,40 @@ def _onednn_mm_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 # Defined at import: torch.compile cannot define it while tracing. Defining it does not import torch._dynamo.
 @torch.library.custom_op("speedrun::onednn_linear", mutates_args=())
-def _onednn_linear_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _onednn_linear_op(x: torch.Tensor, weight: torch.Tensor, onednn_grad_weight: bool) -> torch.Tensor:
     return _onednn_mm_t(x, weight)
 
 
 @_onednn_linear_op.register_fake
-def _(x, weight):
+def _(x, weight, onednn_grad_weight):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    x, weight, ctx.onednn_grad_weight = inputs
+    ctx.save_for_backward(x, weight)
 
 
 def _backward(ctx, grad):
     x, weight = ctx.saved_tensors
-    grad_x = _onednn_linear_op(grad, weight.t())  # grad @ weight
-    grad_weight = _onednn_linear_op(x.t(), grad.t()).t()  # (x.T @ grad).T: oneDNN's fast layout for this shape
-    return grad_x, grad_weight
+    # the op itself, not _onednn_mm_t: compiled, the backward is traced too, and inductor's lowering of oneDNN's
+    # linear fails on these operands
+    grad_x = _onednn_linear_op(grad, weight.t(), False)  # grad @ weight
+    if ctx.onednn_grad_weight:
+        grad_weight = _onednn_linear_op(x.t(), grad.t(), False).t()  # (x.T @ grad).T: oneDNN's fast layout here
+    else:
+        grad_weight = grad.t() @ x
+    return grad_x, grad_weight, None
 
 
 _onednn_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T (x: M x K, weight: N x K, fp32 on CPU) through oneDNN, differentiable in both."""
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, onednn_grad_weight: bool = True) -> torch.Tensor:
+    """x @ weight.T (x: M x K, weight: N x K, fp32 on CPU) through oneDNN, differentiable in both. The weight's
+    gradient goes through oneDNN too with `onednn_grad_weight`, else through torch's mm (MKL), which is the
+    faster of the two unless N is large (the vocabulary: ~190 against ~360 ms at d4; a 256- or 1024-wide
+    layer: within ~10% either way, MKL mostly ahead)."""
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
-        return _onednn_linear_op(x, weight)
+        return _onednn_linear_op(x, weight, onednn_grad_weight)
     return _onednn_mm_t(x, weight)

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ops.cpu_matmul import ONEDNN_AVAILABLE, onednn_linear, onednn_linear_usable
 
@@ -24,12 +25,13 @@ def inputs(m: int, k: int, n: int, seed: int = 0):
     return torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) * 0.1, torch.randn(m, n, generator=g)
 
 
+@pytest.mark.parametrize("onednn_grad_weight", [True, False])
 @pytest.mark.parametrize("m,k,n", [(64, 32, 128), (37, 48, 300), (512, 64, 4096)])
-def test_forward_and_both_gradients_equal_torch_linear(m, k, n):
+def test_forward_and_both_gradients_equal_torch_linear(m, k, n, onednn_grad_weight):
     x, w, upstream = inputs(m, k, n)
     x1, w1 = x.clone().requires_grad_(), w.clone().requires_grad_()
     x2, w2 = x.clone().requires_grad_(), w.clone().requires_grad_()
-    y1, y2 = onednn_linear(x1, w1), F.linear(x2, w2)
+    y1, y2 = onednn_linear(x1, w1, onednn_grad_weight=onednn_grad_weight), F.linear(x2, w2)
     (y1 * upstream).sum().backward()
     (y2 * upstream).sum().backward()
     assert close(y1, y2) and close(x1.grad, x2.grad) and close(w1.grad, w2.grad)
@@ -69,21 +71,71 @@ def test_usable_only_for_fp32_cpu_tensors():
     assert not onednn_linear_usable(x.double(), w.double())
 
 
-def test_the_lm_head_uses_it_on_cpu_and_equals_a_plain_linear():
-    from model.gpt import GPTConfig, Linear, VocabProjection, build_model
+class OpsCalled(TorchDispatchMode):
+    """Records the name of every operator that reaches the dispatcher (forward and backward)."""
+
+    def __enter__(self):
+        self.names = set()
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+ONEDNN_OPS = {"mkldnn._linear_pointwise", "speedrun.onednn_linear"}  # the op's autograd calls show as itself
+
+
+def gemms(names: set[str]) -> set[str]:
+    """The GEMMs among `names`, each oneDNN one as "onednn"."""
+    return {"onednn" if n in ONEDNN_OPS else n for n in names
+            if n in ONEDNN_OPS or n in ("aten.mm", "aten.addmm", "aten.linear", "aten.matmul")}
+
+
+def tiny_model():
+    from model.gpt import GPTConfig, build_model
 
     model = build_model(GPTConfig(sequence_len=8, vocab_size=64, n_layer=1, n_head=1, n_kv_head=1, n_embd=32), "cpu")
-    head = model.lm_head
-    assert type(head) is VocabProjection
-    torch.nn.init.normal_(head.weight, std=0.1)  # at init it is ~0
-    plain = Linear(32, head.weight.size(0))
-    plain.weight = torch.nn.Parameter(head.weight.detach().clone())
-    x = torch.randn(2, 5, 32)
-    y1, y2 = head(x), plain(x)
-    assert y1.shape == (2, 5, head.weight.size(0)) and close(y1, y2)
-    y1.square().sum().backward()
+    torch.nn.init.normal_(model.lm_head.weight, std=0.1)  # at init it is ~0
+    torch.nn.init.normal_(model.transformer.h[0].mlp.c_proj.weight, std=0.1)
+    return model
+
+
+@pytest.mark.parametrize("layer", ["lm_head", "c_fc", "c_proj"])
+def test_the_model_linears_use_it_in_cpu_training_and_equal_torch_linear(layer):
+    """Every linear layer runs its forward and grad_x through oneDNN in fp32 CPU training; the weight's gradient
+    through oneDNN for the lm_head only, through torch's mm (MKL) for the others. Results equal F.linear's."""
+    from model.gpt import VocabProjection
+
+    model = tiny_model()
+    module = model.lm_head if layer == "lm_head" else getattr(model.transformer.h[0].mlp, layer)
+    assert (type(module) is VocabProjection) == (layer == "lm_head")
+    x = torch.randn(2, 5, module.in_features)
+    weight = module.weight.detach().clone().requires_grad_()
+    with OpsCalled() as forward:
+        y1 = module(x)
+    y2 = F.linear(x, weight)
+    assert y1.shape == (2, 5, module.out_features) and close(y1, y2)
+    with OpsCalled() as backward:
+        y1.square().sum().backward()
     y2.square().sum().backward()
-    assert close(head.weight.grad, plain.weight.grad)
+    assert close(module.weight.grad, weight.grad)
+    assert gemms(forward.names) == {"onednn"}
+    assert gemms(backward.names) == ({"onednn"} if layer == "lm_head" else {"onednn", "aten.mm"})
+
+
+def test_evaluation_keeps_torch_linear_except_for_the_lm_head():
+    """Without autograd (evaluation, sampling: few rows a call) the block linears stay on F.linear, where oneDNN's
+    per-call cost (~30 us) is larger than the GEMM; the lm_head still uses oneDNN, faster from a single row."""
+    model = tiny_model()
+    fc, head = model.transformer.h[0].mlp.c_fc, model.lm_head
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad(), OpsCalled() as ops:
+        y = fc(x)
+    assert torch.equal(y, F.linear(x, fc.weight)) and "onednn" not in gemms(ops.names)
+    with torch.no_grad(), OpsCalled() as ops:
+        head(x)
+    assert gemms(ops.names) == {"onednn"}
 
 
 def test_evaluation_forward_never_imports_dynamo():
