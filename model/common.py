@@ -193,14 +193,14 @@ def compute_init(device_type: str) -> tuple[bool, int, int, int, torch.device]:
 # (inductor builds C++ kernels) and then saves a fixed time per step; it pays only when the run is long
 # enough. Break-even steps on a 2-core x86 VM (torch 2.13.0+cpu), d4, inductor's cache cold, measured with
 # `python -m bench.train_throughput --compare-compile` at the cpu preset's size (T=256 / batch 16 / vocab 4096)
-# and at T=256 / batch 8x2 / vocab 32768, on two days:
-#   366 (1.24 -> 1.08 s a step, +61 s for the first) and 280 (2.76 -> 2.58 s, +50 s);
-#   614 (1.36 -> 1.26 s, +63 s) and 156 (3.37 -> 2.96 s, +65 s), on a day this VM ran ~15% slower, with the
-#   lm_head no longer breaking the compiled graph (ops/cpu_matmul.py).
-# The day-to-day spread is as wide as the difference. 400 compiles the cpu preset (600 steps) and never the
-# smoke (20). On CUDA compiling always pays.
-CPU_COMPILE_MIN_STEPS = 400
-CPU_COMPILE_NOTE = "compiling on 2 CPU cores pays after ~370 steps at the cpu preset's size"
+# and at T=256 / batch 8x2 / vocab 32768:
+#   195 (1.23 -> 0.92 s a step, +59 s for the first) and 78 (3.02 -> 2.27 s, +58 s), with the one-pass
+#   softcapped loss (model/softcap.py) and the blocks' GEMMs through oneDNN (ops/cpu_matmul.py);
+#   before them 366-614 and 156-280 on different days (the day-to-day spread is ~15%).
+# 250 compiles the cpu preset's pretraining (600 steps), not its SFT (200) nor the smoke (20). On CUDA
+# compiling always pays.
+CPU_COMPILE_MIN_STEPS = 250
+CPU_COMPILE_NOTE = "compiling on 2 CPU cores pays after ~200 steps at the cpu preset's size"
 
 
 def decide_compile(mode: str, device_type: str, planned_steps: int) -> tuple[bool, str]:

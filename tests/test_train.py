@@ -183,7 +183,8 @@ def test_compile_auto_decides_from_the_planned_steps():
 
     assert decide_compile("auto", "cuda", 5)[0] is True
     assert decide_compile("auto", "cpu", 20)[0] is False  # smoke: compiling would cost more than it saves
-    assert decide_compile("auto", "cpu", 600)[0] is True  # the cpu preset
+    assert decide_compile("auto", "cpu", 600)[0] is True  # the cpu preset's pretraining
+    assert decide_compile("auto", "cpu", 200)[0] is False  # its SFT: compiling would about break even
     assert decide_compile("auto", "cpu", CPU_COMPILE_MIN_STEPS)[0] is True
     assert decide_compile("auto", "mps", 10_000)[0] is False
     assert decide_compile("on", "cpu", 1) == (True, "--compile=on")
