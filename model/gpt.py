@@ -79,15 +79,14 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight.to(x.dtype)
         if weight.requires_grad and torch.is_grad_enabled() and onednn_linear_usable(x, weight):
-            # fp32 training on CPU: forward and grad_x through oneDNN (docs/model.md#cpu-linear-layers)
-            return onednn_linear(x.reshape(-1, x.size(-1)), weight, onednn_grad_weight=False).view(
-                *x.shape[:-1], weight.size(0))
+            # fp32 training on CPU: the GEMMs through oneDNN where it is faster (docs/model.md#cpu-linear-layers)
+            return onednn_linear(x.reshape(-1, x.size(-1)), weight).view(*x.shape[:-1], weight.size(0))
         return F.linear(x, weight)
 
 
 class VocabProjection(Linear):
-    """The lm_head: a Linear whose three fp32 GEMMs run through oneDNN on CPU, also without autograd, where MKL
-    is slower for this shape (ops/cpu_matmul.py, docs/model.md#cpu-linear-layers); elsewhere exactly Linear."""
+    """The lm_head: a Linear that uses oneDNN for fp32 on CPU also without autograd (evaluation, sampling), where
+    it is faster than MKL from a single row at a vocabulary's width (docs/model.md#cpu-linear-layers)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight.to(x.dtype)

@@ -5,10 +5,12 @@ instruction set, and on the AMD EPYC (Zen 4) machines this project is tested on 
 most of a training step's GEMMs (`python -m bench.cpu_matmul`, 2 threads, d4 at T=256, batch 8):
 - the lm_head (2048 x 256 x 32768): all three GEMMs, ~190 against ~250-360 ms each;
 - the blocks' layers (256 <-> 256, 768, 1024 wide): the forward and grad_x, 20-40% faster; grad_W is not (MKL is
-  ~10% ahead there), so `onednn_grad_weight=False` leaves it to torch's mm.
-The results are the same fp32 products summed in another order.
+  ~10% ahead there), so below WIDE_OUTPUT output features the backward leaves grad_W to torch's mm.
+From WIDE_OUTPUT on, grad_x also runs against a contiguous copy of W^T (at 32768: 195 against 221 ms, the copy
+included; at 256 - 1024 wide the transposed view is the faster). The results are the same fp32 products summed
+in another order.
 
-`onednn_linear(x, weight, onednn_grad_weight=True)` is x @ weight.T for 2-D fp32 CPU tensors. With autograd it is
+`onednn_linear(x, weight)` is x @ weight.T for 2-D fp32 CPU tensors. With autograd it is
 a custom op, so torch.compile keeps it whole (inductor's own lowering of the oneDNN op expects prepacked
 inference weights); without (evaluation) it calls oneDNN directly, because a custom op's first call imports
 torch._dynamo, a second of every evaluation process's start
@@ -24,6 +26,11 @@ import torch
 # kernels with the logits written and read in between.
 ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available()
 
+# Output features from which oneDNN's grad_W and grad_x against a contiguous W^T are the faster choices (paired
+# medians, 2 threads, K = 256: grad_W 1.07x at 2048, 1.21x at 4096, 1.17x at 8192, even at 1024; grad_x 1.04x at
+# 4096, 0.93-0.97x at 256 - 1024): the vocabulary-wide lm_head, not the blocks' layers at CPU sizes.
+WIDE_OUTPUT = 4096
+
 
 def onednn_linear_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether onednn_linear can take these: fp32 CPU tensors, on a torch built with oneDNN."""
@@ -38,40 +45,38 @@ def _onednn_mm_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 # Defined at import: torch.compile cannot define it while tracing. Defining it does not import torch._dynamo.
 @torch.library.custom_op("speedrun::onednn_linear", mutates_args=())
-def _onednn_linear_op(x: torch.Tensor, weight: torch.Tensor, onednn_grad_weight: bool) -> torch.Tensor:
+def _onednn_linear_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return _onednn_mm_t(x, weight)
 
 
 @_onednn_linear_op.register_fake
-def _(x, weight, onednn_grad_weight):
+def _(x, weight):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, ctx.onednn_grad_weight = inputs
-    ctx.save_for_backward(x, weight)
+    ctx.save_for_backward(*inputs)
 
 
 def _backward(ctx, grad):
     x, weight = ctx.saved_tensors
     # the op itself, not _onednn_mm_t: compiled, the backward is traced too, and inductor's lowering of oneDNN's
     # linear fails on these operands
-    grad_x = _onednn_linear_op(grad, weight.t(), False)  # grad @ weight
-    if ctx.onednn_grad_weight:
-        grad_weight = _onednn_linear_op(x.t(), grad.t(), False).t()  # (x.T @ grad).T: oneDNN's fast layout here
+    if weight.size(0) >= WIDE_OUTPUT:
+        grad_x = _onednn_linear_op(grad, weight.t().contiguous())  # grad @ weight
+        grad_weight = _onednn_linear_op(x.t(), grad.t()).t()  # (x.T @ grad).T: oneDNN's fast layout here
     else:
+        grad_x = _onednn_linear_op(grad, weight.t())
         grad_weight = grad.t() @ x
-    return grad_x, grad_weight, None
+    return grad_x, grad_weight
 
 
 _onednn_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def onednn_linear(x: torch.Tensor, weight: torch.Tensor, onednn_grad_weight: bool = True) -> torch.Tensor:
-    """x @ weight.T (x: M x K, weight: N x K, fp32 on CPU) through oneDNN, differentiable in both. The weight's
-    gradient goes through oneDNN too with `onednn_grad_weight`, else through torch's mm (MKL), which is the
-    faster of the two unless N is large (the vocabulary: ~190 against ~360 ms at d4; a 256- or 1024-wide
-    layer: within ~10% either way, MKL mostly ahead)."""
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T (x: M x K, weight: N x K, fp32 on CPU) through oneDNN, differentiable in both; the weight's
+    gradient through oneDNN from WIDE_OUTPUT output features, else through torch's mm (MKL)."""
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
-        return _onednn_linear_op(x, weight, onednn_grad_weight)
+        return _onednn_linear_op(x, weight)
     return _onednn_mm_t(x, weight)
