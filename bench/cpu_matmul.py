@@ -7,9 +7,10 @@
 Times, side by side in one process, the forward (x @ W.T), grad_x (g @ W) and grad_W (g.T @ x) both ways, the
 median of --repeats calls after two warm-up calls each, and prints one JSON: per GEMM `mkl_ms`, `onednn_ms` and
 `speedup` (mkl / onednn), `total_speedup`, and `max_rel_diff` (the largest difference between the two results,
-relative to the largest magnitude; fp32 rounding, ~1e-6). oneDNN's grad_x runs as the model's backward runs it:
-against a contiguous copy of W.T (copy included) from ops.cpu_matmul.WIDE_OUTPUT output features. Freed memory is kept for reuse as in training
-(model.common.retain_freed_cpu_memory), so neither side pays page faults for its output.
+relative to the largest magnitude; fp32 rounding, ~1e-6). oneDNN's grad_x takes W.T as the model's backward
+passes it (ops.cpu_matmul.grad_input_operand: a contiguous copy for wide layers, timed with the copy). Freed
+memory is kept for reuse as in training (model.common.retain_freed_cpu_memory), so neither side pays page
+faults for its output.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import time
 import torch
 
 from model.common import retain_freed_cpu_memory
-from ops.cpu_matmul import WIDE_OUTPUT, onednn_linear
+from ops.cpu_matmul import grad_input_operand, onednn_linear
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -47,10 +48,9 @@ def main() -> None:
     x = torch.randn(args.tokens, args.width, generator=g)
     w = torch.randn(args.vocab, args.width, generator=g) * 0.02
     grad = torch.randn(args.tokens, args.vocab, generator=g) * 1e-3
-    wide = args.vocab >= WIDE_OUTPUT
     gemms = {  # name: (MKL, oneDNN), the same product
         "forward": (lambda: x @ w.t(), lambda: onednn_linear(x, w)),
-        "grad_x": (lambda: grad @ w, lambda: onednn_linear(grad, w.t().contiguous() if wide else w.t())),
+        "grad_x": (lambda: grad @ w, lambda: onednn_linear(grad, grad_input_operand(w))),
         "grad_w": (lambda: grad.t() @ x, lambda: onednn_linear(x.t(), grad.t()).t()),
     }
     out = {"torch": torch.__version__, "threads": torch.get_num_threads(),

@@ -78,21 +78,22 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight.to(x.dtype)
-        if weight.requires_grad and torch.is_grad_enabled() and onednn_linear_usable(x, weight):
-            # fp32 training on CPU: the GEMMs through oneDNN where it is faster (docs/model.md#cpu-linear-layers)
+        if self.uses_onednn(x, weight):
             return onednn_linear(x.reshape(-1, x.size(-1)), weight).view(*x.shape[:-1], weight.size(0))
         return F.linear(x, weight)
+
+    def uses_onednn(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        """fp32 training on CPU: the GEMMs go through oneDNN where it is faster (docs/model.md#cpu-linear-layers).
+        Not without autograd: evaluation and sampling call with a few rows, where oneDNN's per-call cost dominates."""
+        return weight.requires_grad and torch.is_grad_enabled() and onednn_linear_usable(x, weight)
 
 
 class VocabProjection(Linear):
     """The lm_head: a Linear that uses oneDNN for fp32 on CPU also without autograd (evaluation, sampling), where
     it is faster than MKL from a single row at a vocabulary's width (docs/model.md#cpu-linear-layers)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight.to(x.dtype)
-        if not onednn_linear_usable(x, weight):
-            return F.linear(x, weight)
-        return onednn_linear(x.reshape(-1, x.size(-1)), weight).view(*x.shape[:-1], weight.size(0))
+    def uses_onednn(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        return onednn_linear_usable(x, weight)
 
 
 class Embedding(nn.Embedding):

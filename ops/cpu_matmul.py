@@ -10,11 +10,10 @@ From WIDE_OUTPUT on, grad_x also runs against a contiguous copy of W^T (at 32768
 included; at 256 - 1024 wide the transposed view is the faster). The results are the same fp32 products summed
 in another order.
 
-`onednn_linear(x, weight)` is x @ weight.T for 2-D fp32 CPU tensors. With autograd it is
-a custom op, so torch.compile keeps it whole (inductor's own lowering of the oneDNN op expects prepacked
-inference weights); without (evaluation) it calls oneDNN directly, because a custom op's first call imports
-torch._dynamo, a second of every evaluation process's start
-(tests/test_gpt.py::test_an_evaluation_process_never_imports_dynamo).
+`onednn_linear(x, weight)` is x @ weight.T for 2-D fp32 CPU tensors. With autograd it is a custom op, so
+torch.compile keeps it whole (inductor's own lowering of the oneDNN op expects prepacked inference weights);
+without (evaluation) it calls oneDNN directly, because a custom op's first call imports torch._dynamo, a second
+of every evaluation process's start (tests/test_gpt.py::test_an_evaluation_process_never_imports_dynamo).
 """
 
 from __future__ import annotations
@@ -36,6 +35,12 @@ def onednn_linear_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether onednn_linear can take these: fp32 CPU tensors, on a torch built with oneDNN."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and ONEDNN_AVAILABLE)
+
+
+def grad_input_operand(weight: torch.Tensor) -> torch.Tensor:
+    """W^T as grad_x = grad @ W passes it to oneDNN: a contiguous copy from WIDE_OUTPUT output features, else the
+    transposed view."""
+    return weight.t().contiguous() if weight.size(0) >= WIDE_OUTPUT else weight.t()
 
 
 def _onednn_mm_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -62,11 +67,10 @@ def _backward(ctx, grad):
     x, weight = ctx.saved_tensors
     # the op itself, not _onednn_mm_t: compiled, the backward is traced too, and inductor's lowering of oneDNN's
     # linear fails on these operands
+    grad_x = _onednn_linear_op(grad, grad_input_operand(weight))  # grad @ weight
     if weight.size(0) >= WIDE_OUTPUT:
-        grad_x = _onednn_linear_op(grad, weight.t().contiguous())  # grad @ weight
         grad_weight = _onednn_linear_op(x.t(), grad.t()).t()  # (x.T @ grad).T: oneDNN's fast layout here
     else:
-        grad_x = _onednn_linear_op(grad, weight.t())
         grad_weight = grad.t() @ x
     return grad_x, grad_weight
 
