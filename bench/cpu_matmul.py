@@ -4,13 +4,15 @@
     python -m bench.cpu_matmul --vocab 1024                 # a d4 block's MLP input layer (256 -> 1024)
     python -m bench.cpu_matmul --tokens 4096 --width 512    # other shapes
 
-Times, side by side in one process, the forward (x @ W.T), grad_x (g @ W) and grad_W (g.T @ x) both ways, the
-median of --repeats calls after two warm-up calls each, and prints one JSON: per GEMM `mkl_ms`, `onednn_ms` and
-`speedup` (mkl / onednn), `total_speedup`, and `max_rel_diff` (the largest difference between the two results,
-relative to the largest magnitude; fp32 rounding, ~1e-6). oneDNN's grad_x takes W.T as the model's backward
-passes it (ops.cpu_matmul.grad_input_operand: a contiguous copy for wide layers, timed with the copy). Freed
-memory is kept for reuse as in training (model.common.retain_freed_cpu_memory), so neither side pays page
-faults for its output.
+Times the forward (x @ W.T), grad_x (g @ W) and grad_W (g.T @ x) both ways in one process, the two libraries'
+calls alternating (after two warm-up calls each), so that a slow spell of the machine hits both alike. Prints one
+JSON: per GEMM `mkl_ms` and `onednn_ms` (medians of --repeats calls) and `speedup` (the median of the paired
+ratios mkl / onednn); `total_speedup`; `grad_x_in_training` (the library the model's backward uses for this
+layer's grad_x on this CPU: ops.cpu_matmul.grad_input_on_onednn); and `max_rel_diff` (the largest difference
+between the two results, relative to the largest magnitude; fp32 rounding, ~1e-6). oneDNN's grad_x takes W.T as
+the model's backward would pass it (ops.cpu_matmul.grad_input_operand: a contiguous copy for wide layers, timed
+with the copy). Freed memory is kept for reuse as in training (model.common.retain_freed_cpu_memory), so neither
+side pays page faults for its output.
 """
 
 from __future__ import annotations
@@ -23,17 +25,21 @@ import time
 import torch
 
 from model.common import retain_freed_cpu_memory
-from ops.cpu_matmul import grad_input_operand, onednn_linear
+from ops.cpu_matmul import grad_input_on_onednn, grad_input_operand, onednn_linear
 
 
-def median_ms(fn, repeats: int) -> float:
-    fn(), fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+def seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def paired_times(first, second, repeats: int) -> tuple[list[float], list[float]]:
+    """Seconds of `repeats` calls of each, alternating, after two warm-up calls each."""
+    for _ in range(2):
+        first(), second()
+    pairs = [(seconds(first), seconds(second)) for _ in range(repeats)]
+    return [a for a, _ in pairs], [b for _, b in pairs]
 
 
 def main() -> None:
@@ -58,13 +64,15 @@ def main() -> None:
     worst, total_mkl_ms, total_onednn_ms = 0.0, 0.0, 0.0
     with torch.no_grad():
         for name, (mkl, onednn) in gemms.items():
-            mkl_ms, onednn_ms = median_ms(mkl, args.repeats), median_ms(onednn, args.repeats)
+            mkl_s, onednn_s = paired_times(mkl, onednn, args.repeats)
+            mkl_ms, onednn_ms = statistics.median(mkl_s) * 1e3, statistics.median(onednn_s) * 1e3
             total_mkl_ms, total_onednn_ms = total_mkl_ms + mkl_ms, total_onednn_ms + onednn_ms
             a, b = mkl(), onednn()
             worst = max(worst, ((a - b).abs().max() / a.abs().max()).item())
             out[name] = {"mkl_ms": round(mkl_ms, 1), "onednn_ms": round(onednn_ms, 1),
-                         "speedup": round(mkl_ms / onednn_ms, 3)}
-    out["total_speedup"] = round(total_mkl_ms / total_onednn_ms, 3)  # from the unrounded times
+                         "speedup": round(statistics.median(m / o for m, o in zip(mkl_s, onednn_s)), 3)}
+    out["total_speedup"] = round(total_mkl_ms / total_onednn_ms, 3)  # from the unrounded medians
+    out["grad_x_in_training"] = "onednn" if grad_input_on_onednn(w) else "mkl"
     out["max_rel_diff"] = worst
     print(json.dumps(out, indent=1))
 

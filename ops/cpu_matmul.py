@@ -1,14 +1,17 @@
 """The model's fp32 GEMMs on CPU through oneDNN instead of MKL, where that is faster (docs/model.md#cpu-linear-layers).
 
-On CPU, `F.linear` goes to MKL, which picks its kernels by CPU vendor; oneDNN (in the same torch build) picks them by
-instruction set, and on the AMD EPYC (Zen 4) machines this project is tested on it is the faster of the two for
-most of a training step's GEMMs (`python -m bench.cpu_matmul`, 2 threads, d4 at T=256, batch 8):
-- the lm_head (2048 x 256 x 32768): all three GEMMs, ~190 against ~250-360 ms each;
-- the blocks' layers (256 <-> 256, 768, 1024 wide): the forward and grad_x, 20-40% faster; grad_W is not (MKL is
-  ~10% ahead there), so below WIDE_OUTPUT output features the backward leaves grad_W to torch's mm.
-From WIDE_OUTPUT on, grad_x also runs against a contiguous copy of W^T (at 32768: 195 against 221 ms, the copy
-included; at 256 - 1024 wide the transposed view is the faster). The results are the same fp32 products summed
-in another order.
+On CPU, `F.linear` goes to MKL, which picks its kernels by CPU vendor (on AMD, its AVX2 ones); oneDNN (in the same
+torch build) picks them by instruction set. On the 2-core AMD EPYC machines this project is tested on, oneDNN is
+the faster of the two for most of a training step's GEMMs (`python -m bench.cpu_matmul`, 2 threads, d4 at T=256,
+batch 8):
+- the lm_head (2048 x 256 x 32768): the forward and grad_W everywhere measured; grad_x against a contiguous
+  copy of W^T only where oneDNN has AVX-512 kernels (Zen 4: 195 against MKL's 214-225 ms). With AVX2 only
+  (Zen 3) MKL's grad_x is the faster (1.12x), so the backward leaves it to torch's mm there
+  (WIDE_GRAD_INPUT_ON_ONEDNN);
+- the blocks' layers (256 <-> 256, 768, 1024 wide): the forward and grad_x (against the transposed view), 1-40%
+  faster; grad_W is not (MKL is ~10% ahead there), so below WIDE_OUTPUT output features the backward leaves grad_W
+  to torch's mm.
+The results are the same fp32 products summed in another order.
 
 `onednn_linear(x, weight)` is x @ weight.T for 2-D fp32 CPU tensors. With autograd it is a custom op, so
 torch.compile keeps it whole (inductor's own lowering of the oneDNN op expects prepacked inference weights);
@@ -30,11 +33,23 @@ ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available()
 # 4096, 0.93-0.97x at 256 - 1024): the vocabulary-wide lm_head, not the blocks' layers at CPU sizes.
 WIDE_OUTPUT = 4096
 
+# Whether a wide layer's grad_x runs on oneDNN: only with its AVX-512 kernels (measured on Zen 4). On an AVX2-only
+# CPU (Zen 3) oneDNN's grad_x at vocabulary widths is 4-12% behind MKL's (paired medians, 2 threads, 2048 x 32768 @
+# 32768 x 256: MKL 293, oneDNN 307 against the view, 328 with the contiguous copy), where the narrow layers' grad_x
+# is still 1.01-1.20x faster on oneDNN. Read once, like ONEDNN_AVAILABLE.
+WIDE_GRAD_INPUT_ON_ONEDNN = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
 
 def onednn_linear_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether onednn_linear can take these: fp32 CPU tensors, on a torch built with oneDNN."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and ONEDNN_AVAILABLE)
+
+
+def grad_input_on_onednn(weight: torch.Tensor) -> bool:
+    """Whether the backward computes grad_x = grad @ W through oneDNN (else torch's mm): below WIDE_OUTPUT output
+    features always, from it where oneDNN has AVX-512 kernels."""
+    return weight.size(0) < WIDE_OUTPUT or WIDE_GRAD_INPUT_ON_ONEDNN
 
 
 def grad_input_operand(weight: torch.Tensor) -> torch.Tensor:
@@ -67,7 +82,10 @@ def _backward(ctx, grad):
     x, weight = ctx.saved_tensors
     # the op itself, not _onednn_mm_t: compiled, the backward is traced too, and inductor's lowering of oneDNN's
     # linear fails on these operands
-    grad_x = _onednn_linear_op(grad, grad_input_operand(weight))  # grad @ weight
+    if grad_input_on_onednn(weight):
+        grad_x = _onednn_linear_op(grad, grad_input_operand(weight))  # grad @ weight
+    else:
+        grad_x = grad @ weight
     if weight.size(0) >= WIDE_OUTPUT:
         grad_weight = _onednn_linear_op(x.t(), grad.t()).t()  # (x.T @ grad).T: oneDNN's fast layout here
     else:

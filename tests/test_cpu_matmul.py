@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ops.cpu_matmul import ONEDNN_AVAILABLE, WIDE_OUTPUT, onednn_linear, onednn_linear_usable
+from ops.cpu_matmul import (ONEDNN_AVAILABLE, WIDE_GRAD_INPUT_ON_ONEDNN, WIDE_OUTPUT, grad_input_on_onednn,
+                             onednn_linear, onednn_linear_usable)
 
 pytestmark = pytest.mark.skipif(not ONEDNN_AVAILABLE, reason="torch built without oneDNN")
 
@@ -27,7 +28,7 @@ def inputs(m: int, k: int, n: int, seed: int = 0):
 
 @pytest.mark.parametrize("m,k,n", [(64, 32, 128), (37, 48, 300), (512, 64, WIDE_OUTPUT), (40, 16, 2 * WIDE_OUTPUT)])
 def test_forward_and_both_gradients_equal_torch_linear(m, k, n):
-    """Both backward paths: narrow (grad_W through torch's mm) and from WIDE_OUTPUT (all through oneDNN)."""
+    """Both backward paths: narrow (grad_W through torch's mm) and from WIDE_OUTPUT (grad_W through oneDNN)."""
     x, w, upstream = inputs(m, k, n)
     x1, w1 = x.clone().requires_grad_(), w.clone().requires_grad_()
     x2, w2 = x.clone().requires_grad_(), w.clone().requires_grad_()
@@ -107,9 +108,9 @@ def tiny_model():
 
 @pytest.mark.parametrize("layer", ["lm_head", "c_fc", "c_proj"])
 def test_the_model_linears_use_it_in_cpu_training_and_equal_torch_linear(layer):
-    """Every linear layer runs its forward and grad_x through oneDNN in fp32 CPU training; the weight's gradient
-    through oneDNN from WIDE_OUTPUT output features (the lm_head), through torch's mm (MKL) below (the blocks'
-    layers). Results equal F.linear's."""
+    """Every linear layer runs its forward through oneDNN in fp32 CPU training; the weight's gradient through
+    oneDNN from WIDE_OUTPUT output features (the lm_head), through torch's mm (MKL) below (the blocks' layers);
+    grad_x through oneDNN, except the lm_head's on a CPU without AVX-512 (torch's mm). Results equal F.linear's."""
     from model.gpt import VocabProjection
 
     model = tiny_model()
@@ -126,7 +127,17 @@ def test_the_model_linears_use_it_in_cpu_training_and_equal_torch_linear(layer):
     y2.square().sum().backward()
     assert close(module.weight.grad, weight.grad)
     assert gemms(forward.names) == {"onednn"}
-    assert gemms(backward.names) == ({"onednn"} if layer == "lm_head" else {"onednn", "aten.mm"})
+    if layer != "lm_head":
+        assert gemms(backward.names) == {"onednn", "aten.mm"}
+    else:
+        assert gemms(backward.names) == ({"onednn"} if WIDE_GRAD_INPUT_ON_ONEDNN else {"onednn", "aten.mm"})
+
+
+def test_grad_x_library_follows_the_cpu_instruction_set():
+    """Narrow layers always take oneDNN's grad_x; a vocabulary-wide one only with AVX-512 kernels."""
+    assert WIDE_GRAD_INPUT_ON_ONEDNN == torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    assert grad_input_on_onednn(torch.empty(WIDE_OUTPUT - 1, 8))
+    assert grad_input_on_onednn(torch.empty(WIDE_OUTPUT, 8)) == WIDE_GRAD_INPUT_ON_ONEDNN
 
 
 def test_evaluation_keeps_torch_linear_except_for_the_lm_head():
@@ -162,3 +173,4 @@ def test_the_bench_times_both_ways_and_they_agree():
     for gemm in ("forward", "grad_x", "grad_w"):
         assert result[gemm]["mkl_ms"] >= 0 and result[gemm]["onednn_ms"] >= 0 and result[gemm]["speedup"] > 0
     assert result["total_speedup"] > 0 and result["max_rel_diff"] <= 1e-5
+    assert result["grad_x_in_training"] == "onednn"  # 256 output features: narrow
