@@ -31,6 +31,7 @@ from ops.attention import active as attention_backend
 from ops.attention import flash_attn_func, flash_attn_with_kvcache
 from ops.cpu_matmul import onednn_linear, onednn_linear_usable
 from model.common import COMPUTE_DTYPE
+from model.head_loss import head_cross_entropy
 from model.selected_positions import block_at_positions, gather_positions
 from model.sizing import (SMEAR_GATE_INPUTS, VE_GATE_INPUTS, padded_vocab, value_embedding_layers,
                           window_sizes)
@@ -94,6 +95,11 @@ class VocabProjection(Linear):
 
     def uses_onednn(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         return onednn_linear_usable(x, weight)
+
+    def fuses_training_loss(self, x: torch.Tensor) -> bool:
+        """fp32 training on CPU: GPT.forward computes the loss with this projection in one autograd node
+        (model/head_loss.py, docs/model.md#fused-head-loss)."""
+        return self.weight.requires_grad and torch.is_grad_enabled() and onednn_linear_usable(x, self.weight)
 
 
 class Embedding(nn.Embedding):
@@ -260,12 +266,17 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, loss_reduction: str = "mean",
                 kv_cache=None):
         """Logits (B x T x vocab, fp32) without targets; else the cross-entropy (ignore_index -1),
-        a scalar for reduction 'mean' or the B*T per-token losses for 'none'.
+        a scalar for reduction 'mean' or the B*T per-token losses for 'none'. In fp32 training on CPU the
+        loss comes from model/head_loss.py (the lm_head, softcap and loss as one autograd node).
 
         With `kv_cache` (model/engine.py: KVCache) idx holds the next T tokens of every row: positions,
         attention and smear continue from what the cache holds, and the cache advances by T.
         """
-        logits = self.logits(self.hidden_states(idx, kv_cache))
+        hidden = self.hidden_states(idx, kv_cache)
+        if targets is not None and self.lm_head.fuses_training_loss(hidden):
+            return head_cross_entropy(hidden.reshape(-1, hidden.size(-1)), self.lm_head.weight[:self.config.vocab_size],
+                                      targets.reshape(-1), SOFTCAP, ignore_index=-1, reduction=loss_reduction)
+        logits = self.logits(hidden)
         if targets is None:
             return logits
         return bounded_cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), bound=SOFTCAP,

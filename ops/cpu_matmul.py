@@ -78,8 +78,9 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
-def _backward(ctx, grad):
-    x, weight = ctx.saved_tensors
+def linear_grads(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad @ weight, grad.T @ x): the gradients of x @ weight.T for the upstream `grad`, each GEMM on the library
+    chosen above for the layer's width and this CPU. Autograd code only (it calls the custom op)."""
     # the op itself, not _onednn_mm_t: compiled, the backward is traced too, and inductor's lowering of oneDNN's
     # linear fails on these operands
     if grad_input_on_onednn(weight):
@@ -91,6 +92,11 @@ def _backward(ctx, grad):
     else:
         grad_weight = grad.t() @ x
     return grad_x, grad_weight
+
+
+def _backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    return linear_grads(x, weight, grad)
 
 
 _onednn_linear_op.register_autograd(_backward, setup_context=_setup_context)
