@@ -36,7 +36,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
         z = onednn_linear(hidden, weight)
         s = torch.sigmoid(z.mul_(2 / cap))  # softcap(z) = 2 cap s - cap (model.softcap.softcap)
 
-        def scaled_exps():  # exp(softcap(z) - cap), in [e^(-2 cap), 1]: no max pass (model.softcap.bounded_cross_entropy)
+        def scaled_exps():  # exp(softcap(z) - cap) in [e^(-2 cap), 1]: no max pass (softcap.bounded_cross_entropy)
             return s.mul(2 * cap).sub_(2 * cap).exp_()
 
         total = scaled_exps().sum(-1, keepdim=True)
