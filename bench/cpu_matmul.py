@@ -20,26 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
 
+from bench.timing import paired_times
 from model.common import retain_freed_cpu_memory
 from ops.cpu_matmul import grad_input_on_onednn, grad_input_operand, onednn_linear
-
-
-def seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def paired_times(first, second, repeats: int) -> tuple[list[float], list[float]]:
-    """Seconds of `repeats` calls of each, alternating, after two warm-up calls each."""
-    for _ in range(2):
-        first(), second()
-    pairs = [(seconds(first), seconds(second)) for _ in range(repeats)]
-    return [a for a, _ in pairs], [b for _, b in pairs]
 
 
 def main() -> None:

@@ -19,10 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
 
+from bench.timing import paired_times
 from model.common import retain_freed_cpu_memory
 from model.gpt import SOFTCAP
 from model.head_loss import head_cross_entropy
@@ -46,19 +46,12 @@ def loss_and_grads(fn, hidden, weight, targets):
     return loss.detach(), hidden.grad, weight.grad
 
 
-def seconds(fn, *args) -> float:
-    start = time.perf_counter()
-    loss_and_grads(fn, *args)
-    return time.perf_counter() - start
-
-
-def side_by_side(first, second, args, repeats: int) -> dict:
-    for _ in range(2):
-        loss_and_grads(first, *args), loss_and_grads(second, *args)
-    pairs = [(seconds(first, *args), seconds(second, *args)) for _ in range(repeats)]
-    return {"unfused_ms": round(1e3 * statistics.median(a for a, _ in pairs), 1),
-            "fused_ms": round(1e3 * statistics.median(b for _, b in pairs), 1),
-            "speedup": round(statistics.median(a / b for a, b in pairs), 3)}
+def side_by_side(first, second, inputs, repeats: int) -> dict:
+    first_s, second_s = paired_times(lambda: loss_and_grads(first, *inputs), lambda: loss_and_grads(second, *inputs),
+                                     repeats)
+    return {"unfused_ms": round(1e3 * statistics.median(first_s), 1),
+            "fused_ms": round(1e3 * statistics.median(second_s), 1),
+            "speedup": round(statistics.median(a / b for a, b in zip(first_s, second_s)), 3)}
 
 
 def main() -> None:

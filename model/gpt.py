@@ -99,7 +99,7 @@ class VocabProjection(Linear):
     def fuses_training_loss(self, x: torch.Tensor) -> bool:
         """fp32 training on CPU: GPT.forward computes the loss with this projection in one autograd node
         (model/head_loss.py, docs/model.md#fused-head-loss)."""
-        return self.weight.requires_grad and torch.is_grad_enabled() and onednn_linear_usable(x, self.weight)
+        return super().uses_onednn(x, self.weight)  # Linear's rule: fp32 CPU training
 
 
 class Embedding(nn.Embedding):

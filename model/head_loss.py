@@ -23,9 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from model.softcap import check_reduction, reduce_losses
 from ops.cpu_matmul import linear_grads, onednn_linear
-
-REDUCTIONS = ("mean", "sum", "none")
 
 
 class _HeadCrossEntropy(torch.autograd.Function):
@@ -57,9 +56,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
         grad_logits.scatter_add_(-1, safe_targets, -row_weight * (4 * target_s) * (1 - target_s))
         ctx.save_for_backward(hidden, weight, grad_logits)
         ctx.reduction = reduction
-        if reduction == "none":
-            return losses
-        return losses.sum() / valid.sum() if reduction == "mean" else losses.sum()
+        return reduce_losses(losses, valid, reduction)
 
     @staticmethod
     def backward(ctx, grad):
@@ -76,6 +73,5 @@ def head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
                        ignore_index: int = -1, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy of softcap(hidden @ weight.T, cap) against targets (hidden: N x C, weight: V x C, targets: N;
     fp32 on CPU): F.cross_entropy's value and gradients with ignore_index and reduction 'mean', 'sum' or 'none'."""
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', not {reduction!r}")
+    check_reduction(reduction)
     return _HeadCrossEntropy.apply(hidden, weight, targets, cap, ignore_index, reduction)

@@ -30,12 +30,22 @@ def bounded_cross_entropy(capped: torch.Tensor, targets: torch.Tensor, bound: fl
     """F.cross_entropy(capped, targets, ignore_index=ignore_index, reduction=reduction) for N x V logits whose
     values all lie in [-bound, bound]. Positions whose target is `ignore_index` get loss 0 and no gradient;
     'mean' averages over the other positions (nan when there are none, as F.cross_entropy)."""
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', not {reduction!r}")
+    check_reduction(reduction)
     log_sum_exp = torch.log(torch.exp(capped - bound).sum(-1)) + bound
     valid = targets != ignore_index
     target_logit = capped.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
-    losses = torch.where(valid, log_sum_exp - target_logit, 0.0)
+    return reduce_losses(torch.where(valid, log_sum_exp - target_logit, 0.0), valid, reduction)
+
+
+def check_reduction(reduction: str) -> None:
+    """Refuse, by name, a reduction other than F.cross_entropy's 'mean', 'sum' or 'none'."""
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', not {reduction!r}")
+
+
+def reduce_losses(losses: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Per-position losses (0 where not `valid`) reduced as F.cross_entropy does: 'mean' over the valid positions
+    (nan when there are none), 'sum', or 'none' (as they are)."""
     if reduction == "none":
         return losses
     if reduction == "sum":
